@@ -27,8 +27,8 @@ from contree_shell.state.errors import NoSession, StateError
 
 __all__ = [
     "DEFAULT_BRANCH",
-    "Node",
     "NoSession",
+    "Node",
     "PendingFile",
     "Ref",
     "SessionState",
