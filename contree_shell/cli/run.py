@@ -1,0 +1,356 @@
+"""`contree run` and `run_line` (the shell's bare lines): one command in the sandbox, live.
+
+Session policy (documented in `run --help`): a run that reaches SUCCESS appends exactly
+one `run` node to the active branch, whatever the command's exit code, so a failing
+build still records what it wrote and `contree session rollback` undoes exactly that
+run. A run that failed, was cancelled or timed out leaves the session untouched, as does
+a disposable or detached run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from contree_shell.cli.context import Context
+from contree_shell.cli.errors import CliError
+from contree_shell.cli.paths import resolve_path
+
+DEFAULT_TIMEOUT = 120
+DEFAULT_TRUNCATE = 65536
+DEFAULT_HOSTNAME = "linuxkit"
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+RUN_HELP = """\
+Run a command in the sandbox of the current session, with live output.
+
+The exit status is the command's own; 124 when it timed out, 1 when the operation
+failed. A run that completes (whatever its exit status) appends one `run` entry to the
+session, so `contree session rollback` undoes exactly that run; a failed, cancelled or
+timed-out run leaves the session as it was. -D (disposable) and -d (detach) never move
+the session. stdin is forwarded when it is a pipe or a file; a terminal is read only
+with -i.
+"""
+
+
+def register(sub: Any) -> None:
+    """Add `run` (alias `r`)."""
+    p = sub.add_parser(
+        "run", aliases=["r"], help="run a command in the sandbox",
+        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-s", "--shell", action="store_true",
+                   help="run through `sh -c` (one argument is used verbatim)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                   help="environment variable for this run (repeatable)")
+    p.add_argument("-C", "--cwd", default="", help="working directory (default: the session cwd)")
+    p.add_argument("-t", "--timeout", type=_non_negative_int, default=DEFAULT_TIMEOUT,
+                   help=f"seconds before the command is killed (default {DEFAULT_TIMEOUT})")
+    p.add_argument("-D", "--disposable", action="store_true",
+                   help="throw the filesystem changes away (the session does not move)")
+    p.add_argument("-d", "--detach", "--no-wait", action="store_true", dest="detach",
+                   help="start and print the operation without waiting")
+    p.add_argument("-T", "--truncate", type=_non_negative_int, default=DEFAULT_TRUNCATE,
+                   help=f"bytes of each output stream kept on the server (default {DEFAULT_TRUNCATE})")
+    p.add_argument("-H", "--hostname", default=DEFAULT_HOSTNAME, help="sandbox hostname")
+    p.add_argument("--use", metavar="IMAGE", help="switch the session to IMAGE first")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="forward stdin even when it is a terminal")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    p.set_defaults(handler=cmd_run)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
+    """`["K=V", …]` → dict; a pair without `=` or with an empty key is a user error."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"Invalid format '{pair}', expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def command_tokens(raw: list[str]) -> list[str]:
+    """The REMAINDER without the leading `--` that separates it from run's own flags."""
+    return raw[1:] if raw and raw[0] == "--" else list(raw)
+
+
+def build_payload(
+    *,
+    image: str,
+    tokens: list[str],
+    shell: bool,
+    cwd: str = "",
+    env: dict[str, str] | None = None,
+    timeout: int | None = DEFAULT_TIMEOUT,
+    disposable: bool = False,
+    hostname: str = DEFAULT_HOSTNAME,
+    truncate: int = DEFAULT_TRUNCATE,
+) -> dict[str, Any]:
+    """The `POST /v1/instances` body for a command (official CLI rules, §3.2).
+
+    Shell mode: one token is the expression verbatim; several are joined with shell
+    quoting. Otherwise the first token is the command and the rest are `args` (sent only
+    when there are any). `cwd`, `env` and `timeout` are sent only when set.
+    """
+    if not tokens:
+        raise CliError("Specify a command to run, e.g. `contree run -- ls -l`", 2)
+    payload: dict[str, Any] = {"image": image}
+    if shell:
+        payload["command"] = tokens[0] if len(tokens) == 1 else shlex.join(tokens)
+    else:
+        payload["command"] = tokens[0]
+        if len(tokens) > 1:
+            payload["args"] = list(tokens[1:])
+    payload["shell"] = shell
+    payload["disposable"] = disposable
+    payload["hostname"] = hostname
+    payload["truncate_output_at"] = truncate
+    if timeout is not None:
+        payload["timeout"] = timeout
+    if cwd:
+        payload["cwd"] = cwd
+    if env:
+        payload["env"] = dict(env)
+    return payload
+
+
+def run_title(tokens: list[str], shell: bool) -> str:
+    """The history title of a run: what the user typed."""
+    if shell and len(tokens) == 1:
+        return tokens[0]
+    return shlex.join(tokens)
+
+
+@dataclass
+class _Sink:
+    """Live output with EPIPE handling: after the reader goes away, output is dropped."""
+
+    live: bool
+    broken: bool = False
+
+    def stdout(self, chunk: bytes) -> None:
+        if not self.live or self.broken:
+            return
+        from contree_shell.output import write_stdout
+
+        try:
+            write_stdout(chunk)
+        except BrokenPipeError:
+            self.broken = True
+            from contree_shell.cli.main import _silence_stdout
+
+            _silence_stdout()
+
+    def stderr(self, chunk: bytes) -> None:
+        if not self.live:
+            return
+        from contree_shell.output import write_stderr
+
+        write_stderr(chunk)
+
+
+def _notice(message: str) -> None:
+    from contree_shell.output import info
+
+    info(message)
+
+
+def execute_payload(
+    ctx: Context,
+    payload: dict[str, Any],
+    *,
+    title: str,
+    stdin: Any = None,
+) -> tuple[int, Any]:
+    """Run one payload live, record the session node by the policy above, report.
+
+    Returns (exit status, RunOutcome). Status: the command's exit code, 124 on timeout,
+    1 for a failed operation, 130 when interrupted (Ctrl-C twice).
+    """
+    from contree_shell.client.runner import run_operation
+    from contree_shell.output import emit_rows, error, warn
+
+    sink = _Sink(live=not ctx.structured)
+    outcome = run_operation(
+        ctx.client, payload,
+        on_stdout=sink.stdout, on_stderr=sink.stderr, on_notice=_notice, stdin=stdin,
+    )
+    record_run(ctx, outcome, title=title, disposable=bool(payload.get("disposable")))
+    if ctx.structured:
+        emit_rows([outcome_row(outcome)], ctx.output_format)
+    if sink.broken:
+        return 141, outcome
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED, outcome
+    if outcome.timed_out:
+        limit = payload.get("timeout")
+        after = f" after {limit}s" if limit else ""
+        warn(f"Operation {outcome.op} timed out{after}")
+        return EXIT_TIMEOUT, outcome
+    if outcome.status != "SUCCESS":
+        detail = f": {outcome.error}" if outcome.error else ""
+        error(f"Operation {outcome.op} ended with status {outcome.status}{detail}")
+        code = outcome.exit_code
+        return (code if isinstance(code, int) and code > 0 else 1), outcome
+    return exit_status(outcome.exit_code), outcome
+
+
+def exit_status(code: int | None) -> int:
+    """A sandbox exit code as a local exit status (a signal death, -1, becomes 1)."""
+    if code is None:
+        return 0
+    if 0 <= code <= 255:
+        return code
+    return 1
+
+
+def record_run(ctx: Context, outcome: Any, *, title: str, disposable: bool) -> bool:
+    """Append the `run` node when the policy says so; True when the session moved."""
+    if disposable or outcome.interrupted or outcome.timed_out:
+        return False
+    if outcome.status != "SUCCESS" or not outcome.result_image:
+        return False
+    ctx.store.append(
+        ctx.session_key, kind="run", image=outcome.result_image, title=title,
+        operation_uuid=outcome.op,
+    )
+    return True
+
+
+def _text(data: bytes | None) -> str:
+    return (data or b"").decode("utf-8", "replace")
+
+
+def outcome_row(outcome: Any) -> dict[str, Any]:
+    """The one record structured formats print for a run (flat, so csv/tsv/table work)."""
+    return {
+        "uuid": outcome.op,
+        "status": outcome.status,
+        "exit_code": outcome.exit_code,
+        "timed_out": outcome.timed_out,
+        "duration": outcome.duration,
+        "image": outcome.result_image,
+        "stdout": _text(outcome.stdout),
+        "stderr": _text(outcome.stderr),
+        "error": outcome.error or "",
+    }
+
+
+def _stdin_for_cli(interactive: bool) -> Any:
+    """stdin to forward for `contree run`: a pipe or file always, a terminal only with -i."""
+    try:
+        is_tty = sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return None
+    if sys.stdin is None or (is_tty and not interactive):
+        return None
+    from contree_shell.client import runner
+
+    factory = getattr(runner, "stdin_from_fd", None)
+    if callable(factory):
+        return factory(sys.stdin.fileno())
+    source = getattr(runner, "StdinSource", None)
+    if source is not None and hasattr(source, "from_fd"):
+        return source.from_fd(sys.stdin.fileno())
+    return None
+
+
+def _read_all_stdin() -> bytes:
+    try:
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError, AttributeError):
+        return b""
+
+
+def switch_image(ctx: Context, ref: str) -> str:
+    """`--use IMAGE`: resolve (importing a known base image) and record a `use` node."""
+    from contree_shell.cli.images import resolve_image
+
+    image = resolve_image(ctx, ref, import_missing=True)
+    ctx.store.append(ctx.session_key, kind="use", image=image, title=ref)
+    return image
+
+
+def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
+    from contree_shell.client.streams import stdin_repr
+    from contree_shell.output import emit_rows
+
+    tokens = command_tokens(args.command_args)
+    if not tokens:
+        raise CliError("Specify a command to run, e.g. `contree run -- ls -l`", 2)
+    extra_env = parse_env_pairs(args.env)
+    image = switch_image(ctx, args.use) if args.use else ctx.current_image()
+    session_cwd = ctx.cwd()
+    cwd = resolve_path(session_cwd, args.cwd) if args.cwd else session_cwd
+    env = {**ctx.store.env(ctx.session_key), **extra_env}
+    payload = build_payload(
+        image=image, tokens=tokens, shell=args.shell, cwd=cwd, env=env,
+        timeout=args.timeout, disposable=args.disposable, hostname=args.hostname,
+        truncate=args.truncate,
+    )
+    title = run_title(tokens, args.shell)
+    if args.detach:
+        # Detached runs never wait on stdin (the official CLI hangs on a terminal here):
+        # with -i the input is read to EOF first and sent with the spawn, closed.
+        if args.interactive:
+            payload["stdin"] = stdin_repr(_read_all_stdin(), close=True)
+        spawned = ctx.client.spawn(payload)
+        emit_rows([{"uuid": spawned.get("uuid"), "status": spawned.get("status") or "PENDING",
+                    "title": title}], ctx.output_format)
+        return 0
+    code, _outcome = execute_payload(ctx, payload, title=title, stdin=_stdin_for_cli(args.interactive))
+    if code == EXIT_INTERRUPTED and _outcome.interrupted:
+        raise KeyboardInterrupt
+    return code
+
+
+def run_line(
+    ctx: Context,
+    command: str,
+    *,
+    shell: bool = True,
+    args: list[str] | None = None,
+    timeout: int | float | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    disposable: bool = False,
+    stdin: Any = None,
+) -> int:
+    """Run one shell line in the sandbox, live; return its exit status (130 if interrupted).
+
+    Used by the shell for bare lines: `command` goes to `sh -c` verbatim when `shell`,
+    else it is the program and `args` its arguments. `cwd` defaults to the session cwd,
+    and is omitted when the session has none so the image WORKDIR applies (unlike the
+    official shell, which always sends "/"). `timeout` None means the server default.
+    `stdin` is passed to the runner as is. User errors (no session, unknown image) raise
+    the same exceptions as the commands; `execute`'s caller maps them.
+    """
+    image = ctx.current_image()
+    session_cwd = ctx.cwd()
+    run_cwd = resolve_path(session_cwd, cwd) if cwd else session_cwd
+    merged_env = {**ctx.store.env(ctx.session_key), **(env or {})}
+    tokens = [command] if shell else [command, *(args or [])]
+    payload = build_payload(
+        image=image, tokens=tokens, shell=shell, cwd=run_cwd, env=merged_env,
+        timeout=max(1, math.ceil(timeout)) if timeout is not None else None, disposable=disposable,
+    )
+    title = command if shell else shlex.join(tokens)
+    code, _ = execute_payload(ctx, payload, title=title, stdin=stdin)
+    return code
