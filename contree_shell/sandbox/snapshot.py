@@ -1,0 +1,184 @@
+"""Prune no-op copy-ups from a run's overlay upper dir before it becomes a layer.
+
+overlayfs copies a file up on any write-open or metadata change, and leaves copied-up
+parent directories behind after create+delete. Removing every upper entry that is
+identical to what the lower layers already show makes "did this run change anything?"
+a cheap emptiness test, and keeps new layers small.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from contree_shell.sandbox.inspect import Hit, ImageView, is_opaque, is_whiteout, lookup
+
+_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_CHUNK = 1 << 16
+
+
+@dataclass
+class PruneStats:
+    """How many upper entries were removed and how many remain (recursively)."""
+
+    removed: int = 0
+    kept: int = 0
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    """Non-overlay xattrs of ``path`` (overlay's own markers are bookkeeping, not data)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out: dict[str, bytes] = {}
+    for name in names:
+        if name.startswith(_OVERLAY_XATTR_PREFIXES):
+            continue
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return out
+
+
+def _has_redirect(path: str) -> bool:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return any(n.endswith("overlay.redirect") for n in names)
+
+
+def same_bytes(a: str, b: str, size: int) -> bool:
+    """Byte-compare two files already known to have ``size`` bytes; stop at the first
+    difference."""
+    if size == 0:
+        return True
+    try:
+        with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+            while True:
+                ca = fa.read(_CHUNK)
+                cb = fb.read(_CHUNK)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+    except OSError:
+        return False
+
+
+def _same_meta(up: os.stat_result, lo: os.stat_result, up_path: str, lo_path: str) -> bool:
+    return (
+        up.st_mode == lo.st_mode
+        and up.st_uid == lo.st_uid
+        and up.st_gid == lo.st_gid
+        and _xattrs(up_path) == _xattrs(lo_path)
+    )
+
+
+def _same_leaf(up: os.stat_result, up_path: str, lower: Hit, keep_mtime_only: bool) -> bool:
+    """True when a non-directory upper entry matches the lower one exactly."""
+    lo = lower.st
+    if stat.S_IFMT(up.st_mode) != stat.S_IFMT(lo.st_mode):
+        return False
+    if up.st_size != lo.st_size:
+        return False
+    if keep_mtime_only and up.st_mtime_ns != lo.st_mtime_ns:
+        return False
+    if not _same_meta(up, lo, up_path, lower.host_path):
+        return False
+    mode = up.st_mode
+    if stat.S_ISREG(mode):
+        return same_bytes(up_path, lower.host_path, up.st_size)
+    if stat.S_ISLNK(mode):
+        try:
+            return os.readlink(up_path) == os.readlink(lower.host_path)
+        except OSError:
+            return False
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return up.st_rdev == lo.st_rdev
+    return True  # fifo, socket: type and metadata are all there is
+
+
+def _lower_is_empty(stack: tuple[str, ...]) -> bool:
+    return not ImageView.entries(stack)
+
+
+def _prune_dir(
+    upper: str, lower: tuple[str, ...] | None, keep_mtime_only: bool, stats: PruneStats
+) -> bool:
+    """Prune inside ``upper`` (compared against the merged lower dir ``lower``, or
+    nothing). Returns True when ``upper`` is empty afterwards."""
+    kept = 0
+    with os.scandir(upper) as it:
+        entries = list(it)
+    for de in entries:
+        path = de.path
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        low = lookup(lower, de.name) if lower else None
+
+        if is_whiteout(st):
+            if low is None:  # hides nothing
+                os.unlink(path)
+                stats.removed += 1
+            else:
+                kept += 1
+                stats.kept += 1
+            continue
+
+        if stat.S_ISDIR(st.st_mode):
+            lower_dir = low if low is not None and stat.S_ISDIR(low.st.st_mode) else None
+            opaque = is_opaque(path)
+            if opaque and lower_dir is not None and not _lower_is_empty(lower_dir.stack):
+                child_lower: tuple[str, ...] | None = None  # lower content is hidden
+                removable = False
+            else:
+                child_lower = lower_dir.stack if lower_dir is not None else None
+                removable = (
+                    lower_dir is not None
+                    and not _has_redirect(path)
+                    and _same_meta(st, lower_dir.st, path, lower_dir.host_path)
+                )
+            empty = _prune_dir(path, child_lower, keep_mtime_only, stats)
+            if empty and removable:
+                os.rmdir(path)
+                stats.removed += 1
+            else:
+                kept += 1
+                stats.kept += 1
+            continue
+
+        if low is not None and _same_leaf(st, path, low, keep_mtime_only):
+            os.unlink(path)
+            stats.removed += 1
+        else:
+            kept += 1
+            stats.kept += 1
+    return kept == 0
+
+
+def prune(
+    upper: os.PathLike[str] | str, lower: ImageView, *, keep_mtime_only: bool = False
+) -> PruneStats:
+    """Remove upper entries that change nothing in the merged view over ``lower``.
+
+    Removed: files, symlinks and special files with the same type, mode, owner,
+    non-overlay xattrs and content as below (mtime ignored unless ``keep_mtime_only``);
+    whiteouts of names absent below; directories left empty that match the lower
+    directory apart from mtime (directory mtimes are always ignored: create+delete
+    inside leaves only that). Returns counts; the upper dir itself is never removed.
+    """
+    stats = PruneStats()
+    _prune_dir(os.fspath(upper), lower.root_stack, keep_mtime_only, stats)
+    return stats
+
+
+def is_empty(path: os.PathLike[str] | str) -> bool:
+    """True when the directory has no entries (the fast "nothing changed" test)."""
+    with os.scandir(path) as it:
+        return next(it, None) is None
