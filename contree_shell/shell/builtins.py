@@ -1,0 +1,234 @@
+"""The shell's local builtins: one registry, `help` generated from it.
+
+Each handler takes the ShellContext and the router's `Builtin` and returns an exit
+status. User mistakes return non-zero with a one-line message; they never raise
+(except `exit`, which raises EOFError so the loop has exactly one exit path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from contree_shell import output
+from contree_shell.cli.paths import display_cwd, resolve_path
+from contree_shell.shell import commands
+from contree_shell.shell.context import ShellContext
+from contree_shell.shell.router import Builtin, parse_duration
+
+__all__ = ["BuiltinSpec", "all_names", "builtin", "lookup", "registry", "run_builtin"]
+
+Handler = Callable[[ShellContext, Builtin], int]
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """One builtin: its name, one-line help, usage and aliases."""
+
+    name: str
+    help: str
+    usage: str
+    aliases: tuple[str, ...]
+    handler: Handler
+
+
+_REGISTRY: dict[str, BuiltinSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def builtin(
+    name: str, help: str, *, usage: str | None = None, aliases: tuple[str, ...] = ()
+) -> Callable[[Handler], Handler]:
+    """Register a builtin handler under `name` (and `aliases`)."""
+
+    def register(handler: Handler) -> Handler:
+        _REGISTRY[name] = BuiltinSpec(name, help, usage or name, aliases, handler)
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return handler
+
+    return register
+
+
+def registry() -> list[BuiltinSpec]:
+    """Every builtin, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def all_names() -> list[str]:
+    """Builtin names and aliases (what the first word of a line may be)."""
+    return [*_REGISTRY, *_ALIASES]
+
+
+def lookup(name: str) -> BuiltinSpec | None:
+    """The builtin registered as `name` or as one of its aliases."""
+    return _REGISTRY.get(_ALIASES.get(name, name))
+
+
+def run_builtin(sh: ShellContext, call: Builtin) -> int:
+    """Run one builtin line."""
+    spec = lookup(call.name)
+    if spec is None:  # the router and the registry disagree: a bug, said plainly
+        output.error(f"unknown builtin {call.name!r}")
+        return 2
+    return spec.handler(sh, call)
+
+
+def _out(text: str) -> None:
+    output.write_stdout((text if text.endswith("\n") else text + "\n").encode())
+
+
+# -- navigation ------------------------------------------------------------------------
+
+
+@builtin("cd", "change the working directory in the sandbox", usage="cd [PATH|-]")
+def _cd(sh: ShellContext, call: Builtin) -> int:
+    from contree_shell.client.errors import ApiError, NotFound
+
+    if len(call.args) > 1:
+        output.error("cd: too many arguments")
+        return 1
+    current = sh.cwd()
+    if not call.args:
+        target = ""  # back to the image's own WORKDIR, as the official shell does
+    elif call.args[0] == "-":
+        target = sh.previous_cwd
+        _out(display_cwd(target))
+    else:
+        target = resolve_path(current, call.args[0])
+    image = sh.image()
+    if image is None:
+        output.error("No active session. Run `contree use IMAGE` to start one.")
+        return 1
+    if target:
+        shown = call.args[0] if call.args and call.args[0] != "-" else target
+        try:
+            sh.ctx.client.list_dir(image, target)
+        except NotFound:
+            output.error(f"cd: {shown}: no such directory")
+            return 1
+        except ApiError as exc:
+            if exc.status in (400, 409, 422):
+                output.error(f"cd: {shown}: not a directory")
+                return 1
+            raise
+    sh.ctx.store.append(sh.key, kind="cd", image=image, title=target)
+    sh.previous_cwd = display_cwd(current)
+    return 0
+
+
+@builtin("pwd", "print the working directory in the sandbox")
+def _pwd(sh: ShellContext, call: Builtin) -> int:
+    _out(display_cwd(sh.cwd()))
+    return 0
+
+
+# -- inspection without a sandbox -------------------------------------------------------
+
+
+@builtin("ls", "list a sandbox directory (no run; flags or globs run the real ls)",
+         usage="ls [PATH]")
+def _ls(sh: ShellContext, call: Builtin) -> int:
+    from contree_shell.cli.main import execute
+
+    path = resolve_path(sh.cwd(), call.args[0] if call.args else None)
+    return int(execute(sh.ctx, ["ls", path]))
+
+
+@builtin("cat", "print a sandbox file (no run; flags or globs run the real cat)",
+         usage="cat PATH")
+def _cat(sh: ShellContext, call: Builtin) -> int:
+    from contree_shell.cli.main import execute
+
+    return int(execute(sh.ctx, ["cat", resolve_path(sh.cwd(), call.args[0])]))
+
+
+# -- running -----------------------------------------------------------------------------
+
+
+@builtin("timeout", "run CMD in the sandbox with a server-side timeout (5, 2.5s, 5m, 1h, 1d)",
+         usage="timeout DURATION CMD…")
+def _timeout(sh: ShellContext, call: Builtin) -> int:
+    from contree_shell.cli.run import run_line
+
+    seconds = parse_duration(call.args[0]) if call.args else None
+    if seconds is None or not call.raw:
+        output.error("Usage: timeout DURATION CMD…")
+        return 2
+    return int(run_line(sh.ctx, call.raw, shell=True, timeout=seconds))
+
+
+# -- the shell itself ----------------------------------------------------------------------
+
+
+@builtin("history", "show this session's command history (PATTERN: substring filter)",
+         usage="history [PATTERN]")
+def _history(sh: ShellContext, call: Builtin) -> int:
+    lines: list[str] = list(sh.history.lines()) if sh.history is not None else []
+    pattern = " ".join(call.args)
+    numbered = list(enumerate(lines, start=1))
+    if pattern:
+        numbered = [(n, line) for n, line in numbered if pattern.lower() in line.lower()]
+    if not lines:
+        _out("(no history)")
+    elif not numbered:
+        _out(f"(no matches for {pattern!r})")
+    else:
+        _out("\n".join(f"{n:5d}  {line}" for n, line in numbered))
+    return 0
+
+
+@builtin("clear", "clear the screen")
+def _clear(sh: ShellContext, call: Builtin) -> int:
+    output.write_stdout(b"\x1b[2J\x1b[H")
+    return 0
+
+
+@builtin("help", "show this help, or the help of a builtin or a contree command",
+         usage="help [TOPIC]")
+def _help(sh: ShellContext, call: Builtin) -> int:
+    topic = [w for w in call.args if w != "contree"]
+    if not topic:
+        _out(general_help())
+        return 0
+    spec = lookup(topic[0])
+    if spec is not None and len(topic) == 1:
+        aliases = f" (alias: {', '.join(spec.aliases)})" if spec.aliases else ""
+        _out(f"{spec.usage}\n    {spec.help}{aliases}")
+        return 0
+    parser = commands.find_command(topic)
+    if parser is None:
+        output.error(f"help: no builtin or contree command {' '.join(topic)!r}")
+        return 1
+    _out(parser.format_help())
+    return 0
+
+
+@builtin("exit", "leave the shell (also Ctrl-D)", aliases=("quit",))
+def _exit(sh: ShellContext, call: Builtin) -> int:
+    raise EOFError
+
+
+def general_help() -> str:
+    """The shell's help text, generated from the registry and the contree command tree."""
+    width = max(len(spec.usage) for spec in _REGISTRY.values())
+    rows = [f"  {spec.usage.ljust(width)}  {spec.help}" for spec in _REGISTRY.values()]
+    try:
+        names = ", ".join(commands.command_names(commands.shell_parser()))
+    except Exception:
+        names = ""
+    parts = [
+        "contree shell: every line runs in the sandbox (sh -c, pipes and redirects included)",
+        "unless it is a builtin or starts with `contree`.",
+        "",
+        "Builtins:",
+        *rows,
+        "",
+        "contree COMMAND …  run a contree command here"
+        + (f" ({names})" if names else ""),
+        "help COMMAND       show a contree command's help, e.g. `help session`",
+        "",
+        "Keys: Tab completes, Ctrl-R searches history, Ctrl-C clears the line or interrupts",
+        "the running command (twice cancels it), Ctrl-D leaves.",
+    ]
+    return "\n".join(parts)

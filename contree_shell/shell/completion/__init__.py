@@ -1,0 +1,1 @@
+"""Tab completion: a pure analysis (engine), named data sources, and the completer."""

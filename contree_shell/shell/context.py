@@ -1,0 +1,52 @@
+"""What the shell remembers between lines: the CLI context plus REPL-only state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LastRun", "ShellContext"]
+
+
+@dataclass
+class LastRun:
+    """Outcome of the last command: shown in the prompt (non-zero) and the toolbar."""
+
+    status: int = 0
+    duration: float = 0.0
+
+
+@dataclass
+class ShellContext:
+    """The REPL's state. `ctx` is the CLI Context shared with `contree …` commands.
+
+    `previous_cwd` is kept in memory only (as `cd -` in a POSIX shell); the cwd itself
+    lives in the session store so it follows branches and rollbacks.
+    """
+
+    ctx: Any
+    previous_cwd: str = "/"
+    last: LastRun = field(default_factory=LastRun)
+    history: Any = None  # state.history.ShellHistory or None when history is unavailable
+
+    @property
+    def key(self) -> str:
+        """The session key of this shell."""
+        return str(self.ctx.session_key)
+
+    def cwd(self) -> str:
+        """The session cwd ("" = the image default)."""
+        try:
+            return str(self.ctx.store.cwd(self.key) or "")
+        except Exception:
+            return ""
+
+    def image(self) -> str | None:
+        """The image uuid at the tip of the active branch, if any."""
+        try:
+            state = self.ctx.store.state(self.key)
+        except Exception:
+            return None
+        if state is None or state.tip is None:
+            return None
+        return str(state.tip.image)

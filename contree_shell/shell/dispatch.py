@@ -1,0 +1,100 @@
+"""Run one classified line and contain whatever goes wrong to a single `[ERROR]` line.
+
+The REPL and the script runner both come through here, so a failing command can never
+take the shell down or print a traceback (unless `--debug`).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+from contree_shell import output
+from contree_shell.shell.builtins import run_builtin
+from contree_shell.shell.context import ShellContext
+from contree_shell.shell.router import (
+    Builtin,
+    ContreeCommand,
+    Empty,
+    Incomplete,
+    ParseError,
+    RemoteShell,
+    Route,
+)
+
+__all__ = ["dispatch", "run_route"]
+
+INTERRUPTED = 130
+
+
+def dispatch(sh: ShellContext, route: Route) -> int:
+    """Run a route and return its exit status. May raise (see `run_route`)."""
+    if isinstance(route, Empty):
+        return sh.last.status
+    if isinstance(route, Incomplete):
+        output.error("Parse error: unterminated quote or trailing backslash")
+        return 2
+    if isinstance(route, ParseError):
+        output.write_stderr(f"{route.msg}\n".encode())  # already a complete message
+        return 2
+    if isinstance(route, Builtin):
+        return run_builtin(sh, route)
+    if isinstance(route, ContreeCommand):
+        return _contree(sh, route.argv)
+    if isinstance(route, RemoteShell):
+        from contree_shell.cli.run import run_line
+
+        return int(run_line(sh.ctx, route.line, shell=True))
+    raise TypeError(f"unknown route {route!r}")
+
+
+def _contree(sh: ShellContext, argv: list[str]) -> int:
+    from contree_shell.cli.errors import CliHelp, CliUsageError
+    from contree_shell.cli.main import execute
+
+    if not argv:
+        return run_builtin(sh, Builtin("help"))
+    try:
+        return int(execute(sh.ctx, argv))
+    except CliHelp as exc:
+        if exc.text:
+            output.write_stdout(exc.text.encode())
+        return 0
+    except CliUsageError as exc:
+        output.write_stderr(f"{exc.usage.rstrip()}\nerror: {exc.message}\n".encode())
+        return 2
+
+
+def run_route(sh: ShellContext, route: Route) -> int:
+    """Run a route; record its status and duration; never raise except EOFError (exit)."""
+    if isinstance(route, Empty):
+        return sh.last.status
+    started = time.monotonic()
+    try:
+        status = dispatch(sh, route)
+    except EOFError:
+        raise
+    except KeyboardInterrupt:
+        # The runner already handled the two-stage Ctrl-C; this is one that escaped a
+        # local step. Come back to a fresh line and a prompt.
+        output.write_stderr(b"\n")
+        status = INTERRUPTED
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        output.error(_describe(exc))
+        if getattr(sh.ctx, "debug", False):
+            output.write_stderr(traceback.format_exc().encode())
+        status = 1
+    sh.last.status = status
+    sh.last.duration = time.monotonic() - started
+    return status
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the user: our errors carry `.message`, others their type and text."""
+    message = getattr(exc, "message", None)
+    if isinstance(message, str) and message:
+        return message.splitlines()[0]
+    text = str(exc).strip().splitlines()
+    return f"Command failed: {type(exc).__name__}" + (f": {text[0]}" if text else "")
