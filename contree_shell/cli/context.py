@@ -67,11 +67,7 @@ class Context:
         if self._client is None:
             from contree_shell.client.api import ContreeClient
 
-            if self.profile.type == "local":
-                from contree_shell.client.local import ensure_local_server
-
-                ensure_local_server(self.profile)
-            self._client = ContreeClient(self.profile)
+            self._client = ContreeClient.for_profile(self.profile)
         return self._client
 
     @client.setter

@@ -28,7 +28,7 @@ class CliUsageError(Exception):
         self.usage = usage
 
 
-class CliHelp(Exception):  # noqa: N818 - a control-flow signal, not an error
+class CliHelp(Exception):  # a control-flow signal, not an error
     """The shell's parser was asked for `--help`; `text` is the help to show."""
 
     def __init__(self, text: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import stat
 import sys
 from typing import Any
 
@@ -55,7 +54,7 @@ def file_row(item: dict[str, Any]) -> dict[str, Any]:
         kind = "-"
     return {
         "type": kind,
-        "mode": oct(stat.S_IMODE(mode)),
+        "mode": mode,  # the formatters render it in octal
         "owner": item.get("owner", item.get("uid")),
         "group": item.get("group", item.get("gid")),
         "size": item.get("size"),

@@ -192,7 +192,8 @@ def execute_payload(
         ctx.client, payload,
         on_stdout=sink.stdout, on_stderr=sink.stderr, on_notice=_notice, stdin=stdin,
     )
-    record_run(ctx, outcome, title=title, disposable=bool(payload.get("disposable")))
+    record_run(ctx, outcome, title=title, disposable=bool(payload.get("disposable")),
+               source_image=str(payload["image"]))
     if ctx.structured:
         emit_rows([outcome_row(outcome)], ctx.output_format)
     if sink.broken:
@@ -221,11 +222,23 @@ def exit_status(code: int | None) -> int:
     return 1
 
 
-def record_run(ctx: Context, outcome: Any, *, title: str, disposable: bool) -> bool:
-    """Append the `run` node when the policy says so; True when the session moved."""
-    if disposable or outcome.interrupted or outcome.timed_out:
+def record_run(
+    ctx: Context, outcome: Any, *, title: str, disposable: bool, source_image: str
+) -> bool:
+    """Append the `run` node when the policy says so; True when the active branch moved.
+
+    A disposable run that completed is kept on a side branch `disposable-<op>` (the
+    official CLI's convention) pointing at the source image; the active branch stays.
+    """
+    if outcome.interrupted or outcome.timed_out or outcome.status != "SUCCESS":
         return False
-    if outcome.status != "SUCCESS" or not outcome.result_image:
+    if disposable:
+        ctx.store.append(
+            ctx.session_key, kind="run-disposable", image=source_image, title=title,
+            operation_uuid=outcome.op, branch=f"disposable-{outcome.op}",
+        )
+        return False
+    if not outcome.result_image:
         return False
     ctx.store.append(
         ctx.session_key, kind="run", image=outcome.result_image, title=title,
@@ -255,21 +268,13 @@ def outcome_row(outcome: Any) -> dict[str, Any]:
 
 def _stdin_for_cli(interactive: bool) -> Any:
     """stdin to forward for `contree run`: a pipe or file always, a terminal only with -i."""
-    try:
-        is_tty = sys.stdin is not None and sys.stdin.isatty()
-    except (ValueError, OSError):
-        return None
-    if sys.stdin is None or (is_tty and not interactive):
-        return None
-    from contree_shell.client import runner
+    from contree_shell.client.stdin import stdin_for_fd
 
-    factory = getattr(runner, "stdin_from_fd", None)
-    if callable(factory):
-        return factory(sys.stdin.fileno())
-    source = getattr(runner, "StdinSource", None)
-    if source is not None and hasattr(source, "from_fd"):
-        return source.from_fd(sys.stdin.fileno())
-    return None
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    return stdin_for_fd(fd, interactive=interactive)
 
 
 def _read_all_stdin() -> bytes:
@@ -312,6 +317,15 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
         if args.interactive:
             payload["stdin"] = stdin_repr(_read_all_stdin(), close=True)
         spawned = ctx.client.spawn(payload)
+        op = str(spawned.get("uuid") or "")
+        if op:
+            # A side branch so the run can be found (and checked out) later; the active
+            # branch does not move until the user chooses to.
+            prefix = "disposable" if args.disposable else "detached"
+            ctx.store.append(
+                ctx.session_key, kind=f"run-{prefix}", image=image, title=title,
+                operation_uuid=op, branch=f"{prefix}-{op}",
+            )
         emit_rows([{"uuid": spawned.get("uuid"), "status": spawned.get("status") or "PENDING",
                     "title": title}], ctx.output_format)
         return 0
