@@ -137,9 +137,7 @@ def connect(path: Path | str, *, timeout: float | None = None) -> sqlite3.Connec
             fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
             fresh = True
-    conn = sqlite3.connect(
-        str(path), timeout=wait, isolation_level=None, check_same_thread=False
-    )
+    conn = sqlite3.connect(str(path), timeout=wait, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -194,7 +192,9 @@ def _split_sql(script: str) -> list[str]:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+def transaction(
+    conn: sqlite3.Connection, *, immediate: bool = True
+) -> Iterator[sqlite3.Connection]:
     """Run a block in one transaction; ``immediate`` takes the write lock up front
     so a read-then-write block cannot be overtaken by another writer."""
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")

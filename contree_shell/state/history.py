@@ -24,7 +24,9 @@ MAX_LINES = 10_000
 class ShellHistory:
     """The ``shell_history`` rows of one session key."""
 
-    def __init__(self, db_path: Path | str, session_key: str, *, max_lines: int = MAX_LINES) -> None:
+    def __init__(
+        self, db_path: Path | str, session_key: str, *, max_lines: int = MAX_LINES
+    ) -> None:
         self.db_path = Path(db_path)
         self.session_key = session_key
         self.max_lines = max_lines
@@ -84,8 +86,9 @@ class ShellHistory:
     def clear(self) -> None:
         """Forget every line of this session."""
         with self._lock, transaction(self._conn):
-            self._conn.execute("DELETE FROM shell_history WHERE session_key = ?",
-                               (self.session_key,))
+            self._conn.execute(
+                "DELETE FROM shell_history WHERE session_key = ?", (self.session_key,)
+            )
 
 
 class PromptHistory(History):

@@ -360,8 +360,9 @@ class SessionStore:
         )
         node_id = cur.lastrowid
         assert node_id is not None
-        return Node(node_id, key, image, parent.id if parent else None, kind, title,
-                    operation_uuid, created)
+        return Node(
+            node_id, key, image, parent.id if parent else None, kind, title, operation_uuid, created
+        )
 
     def _state(self, key: str) -> SessionState | None:
         row = self._conn.execute(
@@ -496,9 +497,7 @@ class SessionStore:
                 (node.id,),
             ).fetchone()
             if row is None:
-                raise StateError(
-                    f"Cannot go forward {ref.n} steps: only {step} children available"
-                )
+                raise StateError(f"Cannot go forward {ref.n} steps: only {step} children available")
             node = _node(row)
         return node
 
@@ -520,8 +519,14 @@ class SessionStore:
         (used for ``detached-<op>`` / ``disposable-<op>``); the active branch is
         not changed by it."""
         with self._lock, transaction(self._conn):
-            return self._append(key, kind=kind, image=image, title=title,
-                                operation_uuid=operation_uuid, branch=branch)
+            return self._append(
+                key,
+                kind=kind,
+                image=image,
+                title=title,
+                operation_uuid=operation_uuid,
+                branch=branch,
+            )
 
     def _append(
         self,
@@ -540,8 +545,9 @@ class SessionStore:
             if parent is None:
                 raise NoSession(key)
             image = parent.image
-        node = self._insert_node(key, parent=parent, kind=kind, image=image, title=title,
-                                 operation_uuid=operation_uuid)
+        node = self._insert_node(
+            key, parent=parent, kind=kind, image=image, title=title, operation_uuid=operation_uuid
+        )
         self._set_branch(key, target, node.id)
         self._touch(key)
         return node
@@ -560,9 +566,14 @@ class SessionStore:
         """Stage a file for the next run: a ``file`` node (same image as the tip)
         plus its ``session_files`` row, in one transaction."""
         with self._lock, transaction(self._conn):
-            node = self._append(key, kind="file", image=None,
-                                title=title if title is not None else f"Change file {path}",
-                                operation_uuid=None, branch=None)
+            node = self._append(
+                key,
+                kind="file",
+                image=None,
+                title=title if title is not None else f"Change file {path}",
+                operation_uuid=None,
+                branch=None,
+            )
             self._conn.execute(
                 "INSERT INTO session_files(history_id, instance_path, file_uuid, uid, gid, mode) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -625,7 +636,12 @@ class SessionStore:
 
     @staticmethod
     def _check_branch_name(name: str) -> None:
-        if not name or name != name.strip() or any(c.isspace() for c in name) or name.startswith("-"):
+        if (
+            not name
+            or name != name.strip()
+            or any(c.isspace() for c in name)
+            or name.startswith("-")
+        ):
             raise StateError(f"Invalid branch name '{name}'")
 
     def create_branch(self, key: str, name: str, *, from_branch: str | None = None) -> Node:
@@ -723,11 +739,14 @@ class SessionStore:
         """Delete everything stored for a session (history, branches, state, env,
         pending files, shell history). Returns whether it existed."""
         with self._lock, transaction(self._conn):
-            existed = self._conn.execute(
-                "SELECT 1 FROM session_state WHERE session_key = ? UNION ALL "
-                "SELECT 1 FROM session_history WHERE session_key = ? LIMIT 1",
-                (key, key),
-            ).fetchone() is not None
+            existed = (
+                self._conn.execute(
+                    "SELECT 1 FROM session_state WHERE session_key = ? UNION ALL "
+                    "SELECT 1 FROM session_history WHERE session_key = ? LIMIT 1",
+                    (key, key),
+                ).fetchone()
+                is not None
+            )
             self._conn.execute("DELETE FROM session_branches WHERE session_key = ?", (key,))
             self._conn.execute(
                 "DELETE FROM session_files WHERE history_id IN "
