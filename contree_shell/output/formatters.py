@@ -131,14 +131,17 @@ def fit_columns(
     *,
     required: Iterable[str] = (),
     tail: Iterable[str] = (),
-    min_width: int = 4,
+    min_width: int = 8,
 ) -> tuple[list[str], list[int], list[str]]:
     """Choose visible columns and their widths so a table fits ``limit`` cells.
 
-    First hide optional (not ``required``/``tail``) columns, latest first, while
-    the natural widths do not fit; then shrink non-tail columns (widest first,
-    down to ``min_width``); then everything down to 1. Returns (visible, widths,
-    hidden).
+    1. Hide optional columns (neither ``required`` nor ``tail``), the latest
+       discovered first, while even their comfortable widths
+       (``min(natural, min_width)``) would not fit.
+    2. Shrink non-tail columns, widest first, down to their comfortable width.
+    3. Shrink every column down to its comfortable width, then down to 1.
+
+    Returns (visible columns, their widths, hidden columns).
     """
     keep = set(required) | set(tail)
     tail_set = set(tail)
@@ -146,31 +149,34 @@ def fit_columns(
     ws = list(widths)
     hidden: list[str] = []
 
-    def total() -> int:
-        return sum(ws) + len(SEP) * max(len(ws) - 1, 0)
+    def total(values: Sequence[int]) -> int:
+        return sum(values) + len(SEP) * max(len(values) - 1, 0)
 
     i = len(cols) - 1
-    while total() > limit and i >= 0:
+    while total([min(w, min_width) for w in ws]) > limit and i >= 0:
         if cols[i] not in keep and len(cols) > 1:
             hidden.insert(0, cols.pop(i))
             ws.pop(i)
         i -= 1
 
-    for floor, shrinkable in (
-        (min_width, [j for j, c in enumerate(cols) if c not in tail_set]),
-        (min_width, list(range(len(cols)))),
-        (1, list(range(len(cols)))),
-    ):
-        excess = total() - limit
+    comfortable = [min(w, min_width) for w in ws]
+    phases = (
+        [(j, comfortable[j]) for j, c in enumerate(cols) if c not in tail_set],
+        [(j, comfortable[j]) for j in range(len(cols))],
+        [(j, 1) for j in range(len(cols))],
+    )
+    for phase in phases:
+        floors = dict(phase)
+        excess = total(ws) - limit
         while excess > 0:
-            candidates = [j for j in shrinkable if ws[j] > floor]
+            candidates = [j for j in floors if ws[j] > floors[j]]
             if not candidates:
                 break
             widest = max(candidates, key=lambda j: (ws[j], j))
-            others = [ws[j] for j in candidates if j != widest]
-            step = min(excess, ws[widest] - max(floor, max(others, default=floor)))
+            runner_up = max((ws[j] for j in candidates if j != widest), default=0)
+            step = min(excess, ws[widest] - max(floors[widest], runner_up))
             ws[widest] -= max(step, 1)
-            excess = total() - limit
+            excess = total(ws) - limit
         if excess <= 0:
             break
     return cols, ws, hidden
@@ -262,7 +268,7 @@ class TableFormatter(Formatter):
                 text = paint(text, "bold", enabled=self.color)
             elif col == "status" and value in STATUS_STYLES:
                 text = paint(text, *STATUS_STYLES[value], enabled=self.color)
-            right = not header and col in self._numeric
+            right = col in self._numeric
             if i == last and not right:
                 parts.append(text)  # no trailing spaces
             else:
@@ -359,7 +365,7 @@ class PlainFormatter(Formatter):
                 value = strip_ansi(self._cell(key, row.get(key)))
                 if "\n" in value:
                     value = value.rstrip("\n").replace("\n", "\n  ")
-                lines.append(f"{key}: {value}")
+                lines.append(f"{key}: {value}" if value else f"{key}:")
             blocks.append("\n".join(lines) + "\n")
         text = "---\n".join(blocks)
         return ("---\n" + text) if self.rows_written else text
