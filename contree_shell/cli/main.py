@@ -157,7 +157,7 @@ def _report(exc: BaseException, debug: bool) -> int:
         error("User interrupted")
         return EXIT_INTERRUPTED
     if isinstance(exc, BrokenPipeError):
-        _silence_stdout()
+        silence_stdout()
         return EXIT_BROKEN_PIPE
     if isinstance(exc, CliError):
         error(exc.message)
@@ -201,7 +201,7 @@ def _traceback(exc: BaseException) -> None:
     write_stderr(text.encode(errors="replace"))
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """After EPIPE, point stdout at /dev/null so the interpreter's final flush is quiet."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -256,7 +256,7 @@ def _flush_quietly() -> None:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
     except (OSError, ValueError):
         pass
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 from contree_shell.cli.errors import CliHelp, CliUsageError
 
@@ -22,7 +22,7 @@ class ShellParser(CliParser):
     def error(self, message: str) -> NoReturn:
         raise CliUsageError(message, self.format_usage())
 
-    def print_help(self, file: IO[str] | None = None) -> None:
+    def print_help(self, file: Any = None) -> None:
         raise CliHelp(self.format_help())
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
@@ -30,7 +30,7 @@ class ShellParser(CliParser):
             raise CliUsageError((message or "").strip(), self.format_usage())
         raise CliHelp(message or "")
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: Any = None) -> None:
         # argparse prints only from help/usage/version paths; all of them end in
         # print_help/exit above, so nothing may reach the terminal behind the shell's back.
         return None

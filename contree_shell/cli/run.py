@@ -25,6 +25,7 @@ DEFAULT_TRUNCATE = 65536
 DEFAULT_HOSTNAME = "linuxkit"
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 RUN_HELP = """\
 Run a command in the sandbox of the current session, with live output.
@@ -140,7 +141,12 @@ def run_title(tokens: list[str], shell: bool) -> str:
 
 @dataclass
 class _Sink:
-    """Live output with EPIPE handling: after the reader goes away, output is dropped."""
+    """Live output and notices for one run.
+
+    When the local reader goes away (`contree run -- yes | head`), the first EPIPE is
+    turned into a Ctrl-C for the runner, which sends SIGINT to the remote command, so
+    the run ends now instead of at its timeout; later output and notices are dropped.
+    """
 
     live: bool
     broken: bool = False
@@ -154,9 +160,10 @@ class _Sink:
             write_stdout(chunk)
         except BrokenPipeError:
             self.broken = True
-            from contree_shell.cli.main import _silence_stdout
+            from contree_shell.cli.main import silence_stdout
 
-            _silence_stdout()
+            silence_stdout()
+            raise KeyboardInterrupt from None
 
     def stderr(self, chunk: bytes) -> None:
         if not self.live:
@@ -165,11 +172,12 @@ class _Sink:
 
         write_stderr(chunk)
 
+    def notice(self, message: str) -> None:
+        if self.broken:
+            return
+        from contree_shell.output import info
 
-def _notice(message: str) -> None:
-    from contree_shell.output import info
-
-    info(message)
+        info(message)
 
 
 def execute_payload(
@@ -190,14 +198,14 @@ def execute_payload(
     sink = _Sink(live=not ctx.structured)
     outcome = run_operation(
         ctx.client, payload,
-        on_stdout=sink.stdout, on_stderr=sink.stderr, on_notice=_notice, stdin=stdin,
+        on_stdout=sink.stdout, on_stderr=sink.stderr, on_notice=sink.notice, stdin=stdin,
     )
     record_run(ctx, outcome, title=title, disposable=bool(payload.get("disposable")),
                source_image=str(payload["image"]))
     if ctx.structured:
         emit_rows([outcome_row(outcome)], ctx.output_format)
     if sink.broken:
-        return 141, outcome
+        return EXIT_BROKEN_PIPE, outcome
     if outcome.interrupted:
         return EXIT_INTERRUPTED, outcome
     if outcome.timed_out:
@@ -210,16 +218,7 @@ def execute_payload(
         error(f"Operation {outcome.op} ended with status {outcome.status}{detail}")
         code = outcome.exit_code
         return (code if isinstance(code, int) and code > 0 else 1), outcome
-    return exit_status(outcome.exit_code), outcome
-
-
-def exit_status(code: int | None) -> int:
-    """A sandbox exit code as a local exit status (a signal death, -1, becomes 1)."""
-    if code is None:
-        return 0
-    if 0 <= code <= 255:
-        return code
-    return 1
+    return outcome.exit_status, outcome
 
 
 def record_run(
