@@ -293,7 +293,7 @@ class OperationsDB:
                 "status": status,
                 "result_image_uuid": fields.get("result_image_uuid"),
                 "error": fields.get("error"),
-                "duration_ms": int(round(duration * 1000)),
+                "duration_ms": round(duration * 1000),
                 "image_size_bytes": fields.get("image_size"),
             }
             if completion:

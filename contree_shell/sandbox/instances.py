@@ -1,0 +1,954 @@
+"""Instance operations: one `InstanceSpawnRequest` becomes one sandbox run.
+
+`normalize_spawn_request` is the pure part (validation + defaults, echoed into the
+operation's metadata). `InstanceManager` runs the request on a bounded worker pool and
+records the event log init → spawn → stdout/stderr → exit → shutdown → completion.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import platform
+import posixpath
+import re
+import shutil
+import signal as signal_mod
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contree_shell.sandbox.files import FileNotFound, FileRecord, FileStore
+from contree_shell.sandbox.operations import (
+    TERMINAL,
+    OperationNotFound,
+    OperationsDB,
+    iso_z,
+    utcnow,
+)
+
+log = logging.getLogger("contree.instances")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_TIMEOUT = 600
+MAX_TIMEOUT = 3600
+DEFAULT_TRUNCATE = 1048576
+MAX_TRUNCATE = 10485760
+DEFAULT_MAX_LAYER_BYTES = 12884901888
+_CHUNK = 32 * 1024
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(?:[:/.][A-Za-z0-9_-]+)*$")
+_CWD_RE = re.compile(r"^((/[^/]*)+/?)?$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
+_SECRET_SUFFIXES = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIALS", "AUTHORIZATION")
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status (400 bad input, 404 unknown reference...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def is_uuid(value: str) -> bool:
+    return bool(_UUID_RE.match(value))
+
+
+def encode_stream(data: bytes) -> tuple[str, str]:
+    """(value, encoding): ascii when every byte is printable, TAB, LF or CR; else base64."""
+    if all(32 <= b <= 126 or b in (9, 10, 13) for b in data):
+        return data.decode("ascii"), "ascii"
+    return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def parse_mode(value: Any) -> int:
+    """A file mode from "0644", "0o100644", "644" or an int; permission bits only."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value & 0o7777
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.startswith("0o"):
+            text = text[2:]
+        if not text or not all(c in "01234567" for c in text):
+            raise ValueError(value)
+        return int(text, 8) & 0o7777
+    raise ValueError(value)
+
+
+def mask_env(env: dict[str, str]) -> dict[str, str]:
+    """Env with secret-looking values replaced by <MASKED> (for the spawn event)."""
+    return {k: ("<MASKED>" if k.upper().endswith(_SECRET_SUFFIXES) else v) for k, v in env.items()}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"'{key}' must be a boolean")
+    return value
+
+
+def _int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise RequestError(400, f"'{name}' must be an integer")
+    out = int(value)
+    if minimum is not None and out < minimum:
+        raise RequestError(400, f"'{name}' must be >= {minimum}")
+    if maximum is not None and out > maximum:
+        raise RequestError(400, f"'{name}' must be <= {maximum}")
+    return out
+
+
+def _stdin(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {"value": "", "encoding": "ascii", "close": True}
+    if not isinstance(value, dict):
+        raise RequestError(400, "'stdin' must be an object {value, encoding, close}")
+    raw = value.get("value", "")
+    if not isinstance(raw, str):
+        raise RequestError(400, "'stdin.value' must be a string")
+    encoding = value.get("encoding") or "ascii"
+    if encoding not in ("ascii", "base64"):
+        raise RequestError(400, "'stdin.encoding' must be 'ascii' or 'base64'")
+    close = value.get("close", True)
+    if close is None:
+        close = True
+    if not isinstance(close, bool):
+        raise RequestError(400, "'stdin.close' must be a boolean")
+    decode_stream(raw, encoding, "stdin.value")
+    return {"value": raw, "encoding": encoding, "close": close}
+
+
+def decode_stream(value: str, encoding: str, name: str = "value") -> bytes:
+    """Bytes of a StreamRepr value; RequestError(400) on bad input."""
+    if encoding == "base64":
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(400, f"'{name}' is not valid base64") from exc
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(400, f"'{name}' is not valid text") from exc
+
+
+def normalize_spawn_request(
+    body: Any,
+    resolve_image: Callable[[str], str],
+    lookup_file: Callable[[str], object],
+    *,
+    default_timeout: int = DEFAULT_TIMEOUT,
+) -> dict[str, Any]:
+    """Validate an InstanceSpawnRequest and return it fully defaulted.
+
+    `resolve_image` maps a uuid or `tag:X` to an image uuid (RequestError 404 if unknown);
+    `lookup_file` raises RequestError for an unknown file uuid. The result is what the
+    operation's metadata echoes (with `result: None` added by the caller).
+    """
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    command = body.get("command")
+    if not isinstance(command, str) or not command:
+        raise RequestError(400, "'command' is required and must be a non-empty string")
+    image_ref = body.get("image")
+    if not isinstance(image_ref, str) or not image_ref:
+        raise RequestError(400, "'image' is required (an image uuid or tag:NAME)")
+    if image_ref.startswith("tag:"):
+        if not TAG_RE.match(image_ref[4:]):
+            raise RequestError(400, f"invalid tag in 'image': {image_ref[4:]!r}")
+    elif not is_uuid(image_ref):
+        raise RequestError(400, f"'image' must be an image uuid or tag:NAME, got {image_ref!r}")
+    shell = _bool(body, "shell", False)
+    args = body.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise RequestError(400, "'args' must be a list of strings")
+    env = body.get("env")
+    if env is None:
+        env = {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in env.items()
+    ):
+        raise RequestError(400, "'env' must be an object of string values")
+    if any(not k or "=" in k or "\0" in k for k in env):
+        raise RequestError(400, "'env' names must be non-empty and contain no '='")
+    cwd = body.get("cwd")
+    if cwd is None:
+        cwd = ""
+    if not isinstance(cwd, str) or not _CWD_RE.match(cwd) or "\0" in cwd:
+        raise RequestError(400, "'cwd' must be an absolute path or empty")
+    hostname = body.get("hostname")
+    if hostname is None or hostname == "":
+        hostname = "linuxkit"
+    if not isinstance(hostname, str) or not _HOSTNAME_RE.match(hostname):
+        raise RequestError(400, "'hostname' must be a valid host name")
+    uid = _int(body.get("uid", 0) or 0, "uid", minimum=0, maximum=2**32 - 2)
+    gid = _int(body.get("gid", 0) or 0, "gid", minimum=0, maximum=2**32 - 2)
+    limits = body.get("resources_limits")
+    if limits is None:
+        limits = {}
+    if not isinstance(limits, dict):
+        raise RequestError(400, "'resources_limits' must be an object")
+    max_layer = limits.get("max_layer_bytes")
+    max_layer = (
+        DEFAULT_MAX_LAYER_BYTES
+        if max_layer is None
+        else _int(max_layer, "resources_limits.max_layer_bytes", minimum=1)
+    )
+    networking = body.get("networking")
+    if networking is None:
+        networking = {}
+    if not isinstance(networking, dict):
+        raise RequestError(400, "'networking' must be an object")
+    net_enabled = _bool(networking, "enabled", True)
+    timeout = body.get("timeout")
+    timeout = default_timeout if timeout is None else _int(timeout, "timeout", minimum=1)
+    timeout = min(timeout, MAX_TIMEOUT)
+    truncate = body.get("truncate_output_at")
+    truncate = (
+        DEFAULT_TRUNCATE
+        if truncate is None
+        else _int(truncate, "truncate_output_at", minimum=0, maximum=MAX_TRUNCATE)
+    )
+    files_in = body.get("files")
+    if files_in is None:
+        files_in = {}
+    if not isinstance(files_in, dict):
+        raise RequestError(400, "'files' must be an object {absolute path: {uuid, uid, gid, mode}}")
+    files: dict[str, dict[str, Any]] = {}
+    for path, spec in files_in.items():
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or path.endswith("/")
+            or "\0" in path
+            or posixpath.normpath(path) in ("/", "//")
+        ):
+            raise RequestError(400, f"'files' key must be an absolute file path, got {path!r}")
+        if isinstance(spec, str):
+            spec = {"uuid": spec}
+        if not isinstance(spec, dict) or not isinstance(spec.get("uuid"), str):
+            raise RequestError(400, f"'files[{path}]' must be an object with a file 'uuid'")
+        mode_raw = spec.get("mode")
+        try:
+            mode = 0o644 if mode_raw is None else parse_mode(mode_raw)
+        except ValueError as exc:
+            raise RequestError(
+                400, f"'files[{path}].mode' must be an octal string like \"0644\", got {mode_raw!r}"
+            ) from exc
+        fuid = _int(spec.get("uid", 0) or 0, f"files[{path}].uid", minimum=0)
+        fgid = _int(spec.get("gid", 0) or 0, f"files[{path}].gid", minimum=0)
+        lookup_file(spec["uuid"])
+        files[path] = {"uuid": spec["uuid"], "uid": fuid, "gid": fgid, "mode": f"{mode:04o}"}
+    preserve_env = _bool(body, "preserve_env", False)
+    preserve_cwd = _bool(body, "preserve_cwd", False)
+    disposable = _bool(body, "disposable", False)
+    stdin = _stdin(body.get("stdin"))
+    image = resolve_image(image_ref)
+    return {
+        "command": command,
+        "image": image,
+        "args": list(args),
+        "shell": shell,
+        "env": {k: ("" if v is None else v) for k, v in env.items()},
+        "preserve_env": preserve_env,
+        "preserve_cwd": preserve_cwd,
+        "cwd": cwd,
+        "uid": uid,
+        "gid": gid,
+        "hostname": hostname,
+        "disposable": disposable,
+        "resources_limits": {"max_layer_bytes": max_layer},
+        "networking": {"enabled": net_enabled},
+        "stdin": stdin,
+        "timeout": timeout,
+        "truncate_output_at": truncate,
+        "files": files,
+    }
+
+
+# --------------------------------------------------------------------------- results
+
+
+_RESOURCE_KEYS = (
+    "user_time_us",
+    "sys_time_us",
+    "max_rss_kb",
+    "shared_memory",
+    "unshared_memory",
+    "swaps",
+    "minor_faults",
+    "major_faults",
+    "voluntary_ctx_switches",
+    "involuntary_ctx_switches",
+    "block_input_ops",
+    "block_output_ops",
+    "ipc_msgs_sent",
+    "ipc_msgs_received",
+    "signals_received",
+)
+
+
+def event_resources(rusage: dict[str, int] | None) -> dict[str, int]:
+    """The 15 counters of an `exit` event, zero when unknown."""
+    rusage = rusage or {}
+    return {k: int(rusage.get(k, 0) or 0) for k in _RESOURCE_KEYS}
+
+
+def result_resources(rusage: dict[str, int] | None, elapsed: float) -> dict[str, Any]:
+    """The 16 InstanceResult.resources keys mapped from the exit counters."""
+    r = event_resources(rusage)
+    return {
+        "block_input": r["block_input_ops"],
+        "block_output": r["block_output_ops"],
+        "cost": 0.0,
+        "elapsed_time": float(elapsed),
+        "involuntary_switches": r["involuntary_ctx_switches"],
+        "max_rss": r["max_rss_kb"],
+        "monotonic_time": float(elapsed),
+        "page_faults": r["minor_faults"],
+        "page_faults_io": r["major_faults"],
+        "shared_memory": r["shared_memory"],
+        "signals": r["signals_received"],
+        "swaps": r["swaps"],
+        "system_cpu_time": r["sys_time_us"] / 1e6,
+        "unshared_memory": r["unshared_memory"],
+        "user_cpu_time": r["user_time_us"] / 1e6,
+        "voluntary_switches": r["voluntary_ctx_switches"],
+    }
+
+
+def empty_result() -> dict[str, Any]:
+    """A complete InstanceResult for a run that produced nothing (yet)."""
+    return {
+        "stdout": {"value": "", "encoding": "ascii", "truncated": False},
+        "stderr": {"value": "", "encoding": "ascii", "truncated": False},
+        "state": {
+            "exit_code": -1,
+            "signal": -1,
+            "timed_out": False,
+            "pid": 0,
+            "core_dump": False,
+            "stopped": False,
+            "continued": False,
+        },
+        "resources": result_resources(None, 0.0),
+    }
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class _Stream:
+    data: bytearray = field(default_factory=bytearray)
+    dropped: int = 0
+
+
+@dataclass
+class _Run:
+    op: str
+    spec: dict[str, Any]
+    raw_env: dict[str, str | None]
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    stdin_lock: threading.Lock = field(default_factory=threading.Lock)
+    started: threading.Event = field(default_factory=threading.Event)
+    sandbox: Any = None
+    closed: bool = False  # no more events may be appended (the op is terminal)
+    cancel_reason: str | None = None
+    signalled: bool = False
+    pending_signal: int | None = None
+    stdin_open: bool = False
+    stdin_recorded: int = 0
+    streams: dict[str, _Stream] = field(
+        default_factory=lambda: {"stdout": _Stream(), "stderr": _Stream(), "stdin": _Stream()}
+    )
+
+
+class Conflict(RequestError):
+    def __init__(self, message: str) -> None:
+        super().__init__(409, message)
+
+
+class InstanceManager:
+    """Starts and controls instance runs; one worker thread per running sandbox."""
+
+    def __init__(
+        self,
+        *,
+        store: Any,
+        ops: OperationsDB,
+        files: FileStore,
+        default_timeout: int = DEFAULT_TIMEOUT,
+        max_workers: int = 16,
+        network_supported: bool = True,
+    ) -> None:
+        self.store = store
+        self.ops = ops
+        self.files = files
+        self.default_timeout = default_timeout
+        self.network_supported = network_supported
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="run")
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+        self._shutting_down = False
+
+    # -- request side -------------------------------------------------------------
+
+    def resolve_image(self, ref: str) -> str:
+        """uuid or tag:X → image uuid; RequestError(404) if unknown."""
+        from contree_shell.sandbox.store import ImageNotFound, TagNotFound
+
+        try:
+            if ref.startswith("tag:"):
+                return str(self.store.resolve_tag(ref[4:]))
+            return str(self.store.get(ref).uuid)
+        except (ImageNotFound, TagNotFound) as exc:
+            raise RequestError(404, f"image not found: {ref}") from exc
+
+    def _lookup_file(self, file_uuid: str) -> FileRecord:
+        try:
+            return self.files.by_uuid(file_uuid)
+        except FileNotFound as exc:
+            raise RequestError(404, f"uploaded file not found: {file_uuid}") from exc
+
+    def spawn(self, body: Any) -> dict[str, Any]:
+        """Validate, create the operation (PENDING) and queue the run; returns the echo."""
+        if self._shutting_down:
+            raise RequestError(503, "the server is stopping")
+        spec = normalize_spawn_request(
+            body, self.resolve_image, self._lookup_file, default_timeout=self.default_timeout
+        )
+        raw_env = dict(body.get("env") or {})
+        metadata = dict(spec, result=None)
+        op = self.ops.create("instance", metadata, image_uuid=spec["image"])
+        run = _Run(op=op.uuid, spec=spec, raw_env=raw_env)
+        with self._lock:
+            self._runs[op.uuid] = run
+        self._pool.submit(self._worker, run)
+        return dict(spec, uuid=op.uuid, result=None)
+
+    def _live(self, op_uuid: str) -> _Run:
+        op = self.ops.get(op_uuid)  # OperationNotFound → 404
+        if op.kind != "instance":
+            raise Conflict("operation is not an instance")
+        with self._lock:
+            run = self._runs.get(op_uuid)
+        if op.terminal or run is None or run.closed:
+            raise RequestError(410, "the instance has finished")
+        return run
+
+    def cancel(self, op_uuid: str, reason: str = "cancelled") -> bool:
+        """Kill the run and end the operation CANCELLED now; False if not ours to cancel."""
+        with self._lock:
+            run = self._runs.get(op_uuid)
+        if run is None:
+            return False
+        with run.lock:
+            if run.closed:
+                return False
+            run.cancel_reason = reason
+            if run.sandbox is not None:
+                try:
+                    run.sandbox.kill()
+                except Exception:  # the sandbox may be exiting on its own right now
+                    log.debug("kill %s", op_uuid, exc_info=True)
+            self._emit(run, "shutdown", {"stopped_at": iso_z(utcnow()), "reason": "signal"}, 0)
+            run.closed = True
+            self.ops.finish(op_uuid, "CANCELLED", error=reason, metadata=self._metadata(run, None))
+        return True
+
+    def signal(self, op_uuid: str, spid: int, sig: int) -> None:
+        try:
+            run = self._live(op_uuid)
+        except RequestError as exc:
+            if exc.status == 410:
+                raise Conflict("the instance is not running") from exc
+            raise
+        if spid != 1:
+            raise RequestError(404, f"no live process with spid {spid}")
+        with run.lock:
+            if run.closed:
+                raise Conflict("the instance is not running")
+            run.signalled = True
+            if run.sandbox is None:
+                run.pending_signal = sig
+                return
+            try:
+                run.sandbox.signal(sig)
+            except ProcessLookupError as exc:
+                raise RequestError(404, f"no live process with spid {spid}") from exc
+
+    def write_stdin(self, op_uuid: str, spid: int, data: bytes, close: bool) -> None:
+        """Deliver stdin to spid 1 (blocking until written); 409 closed, 410 finished."""
+        run = self._live(op_uuid)
+        if spid != 1:
+            raise RequestError(404, f"no live process with spid {spid}")
+        if not run.started.wait(timeout=30):
+            raise RequestError(425, "the process has not started yet")
+        with run.stdin_lock:
+            if run.closed or run.sandbox is None:
+                raise RequestError(410, "the instance has finished")
+            if not run.stdin_open:
+                raise Conflict("stdin is closed")
+            from contree_shell.sandbox.runtime import StdinClosed
+
+            try:
+                if data:
+                    run.sandbox.write_stdin(data)
+                    self._record_stdin(run, data)
+                if close:
+                    run.stdin_open = False
+                    run.sandbox.close_stdin()
+            except (StdinClosed, BrokenPipeError, OSError) as exc:
+                run.stdin_open = False
+                if run.closed or run.sandbox.done:
+                    raise RequestError(410, "the instance has finished") from exc
+                raise Conflict("stdin is closed") from exc
+
+    def shutdown(self, reason: str = "server stopped", wait: bool = True) -> None:
+        """Cancel every live run and wait for the workers to clean up."""
+        self._shutting_down = True
+        with self._lock:
+            live = list(self._runs)
+        for op_uuid in live:
+            self.cancel(op_uuid, reason)
+        self._pool.shutdown(wait=wait, cancel_futures=False)
+
+    # -- worker side --------------------------------------------------------------
+
+    def _emit(self, run: _Run, type_: str, data: dict[str, Any], spid: int | None) -> None:
+        with run.lock:
+            if not run.closed:
+                self.ops.append_event(run.op, type_, data, spid=spid)
+
+    def _record_stdin(self, run: _Run, data: bytes) -> None:
+        cap = run.spec["truncate_output_at"]
+        keep = max(0, min(len(data), cap - run.stdin_recorded))
+        run.stdin_recorded += keep
+        if keep:
+            value, enc = encode_stream(data[:keep])
+            self._emit(run, "stdin", {"value": value, "encoding": enc, "truncated": False}, 1)
+        if keep < len(data):
+            run.streams["stdin"].dropped += len(data) - keep
+
+    def _on_output(self, run: _Run, stream: str, chunk: bytes) -> None:
+        rec = run.streams.get(stream)
+        if rec is None:
+            return
+        cap = run.spec["truncate_output_at"]
+        with run.lock:
+            keep = max(0, min(len(chunk), cap - len(rec.data)))
+            if keep:
+                part = chunk[:keep]
+                rec.data += part
+                for i in range(0, len(part), _CHUNK):
+                    value, enc = encode_stream(part[i : i + _CHUNK])
+                    self._emit(
+                        run, stream, {"value": value, "encoding": enc, "truncated": False}, 1
+                    )
+            rec.dropped += len(chunk) - keep
+
+    def _metadata(self, run: _Run, result: dict[str, Any] | None) -> dict[str, Any]:
+        return dict(run.spec, result=result)
+
+    def _worker(self, run: _Run) -> None:
+        try:
+            self._execute(run)
+        except Exception as exc:
+            log.exception("run %s failed", run.op)
+            self._fail(run, f"internal error: {exc}", reason="spawn_failed")
+        finally:
+            with self._lock:
+                self._runs.pop(run.op, None)
+
+    def _fail(self, run: _Run, error: str, *, reason: str) -> None:
+        with run.lock:
+            if run.closed:
+                return
+            self._emit(run, "shutdown", {"stopped_at": iso_z(utcnow()), "reason": reason}, 0)
+            run.closed = True
+            self.ops.finish(
+                run.op, "FAILED", error=error, metadata=self._metadata(run, empty_result())
+            )
+
+    def _execute(self, run: _Run) -> None:
+        from contree_shell.sandbox.inspect import ImageView
+        from contree_shell.sandbox.runtime import RunSpec, Sandbox
+
+        spec = run.spec
+        with run.lock:
+            if run.closed:
+                return
+            self.ops.update(run.op, status="EXECUTING")
+        image = self.store.get(spec["image"])
+        config: dict[str, Any] = dict(image.config or {})
+        image_env: dict[str, str] = dict(config.get("env") or {})
+        layers = list(self.store.layer_paths(spec["image"]))
+        rundir = self.store.new_run()
+        committed = False
+        try:
+            self._emit(
+                run,
+                "init",
+                {
+                    "started_at": iso_z(utcnow()),
+                    "runtime_path": str(rundir.path),
+                    "verbose": False,
+                    "init_pid": 1,
+                    "hostname": spec["hostname"],
+                    "kernel": f"{platform.release()} {platform.version()}",
+                    "machine": platform.machine(),
+                },
+                0,
+            )
+            if spec["files"]:
+                self._materialize(ImageView(layers), Path(rundir.upper), spec["files"])
+
+            # Environment (§4.2): shell mode inherits the image env; null unsets.
+            env: dict[str, str] = dict(image_env) if spec["shell"] else {}
+            for k, v in run.raw_env.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+            env.setdefault("PATH", DEFAULT_PATH)
+            if spec["shell"]:
+                shell = run.raw_env.get("SHELL") or "/bin/sh"
+                argv = [shell, "-c", spec["command"]]
+            else:
+                argv = [spec["command"], *spec["args"]]
+            cwd = spec["cwd"] or config.get("workdir") or "/"
+            if len(cwd) > 1:
+                cwd = cwd.rstrip("/")
+            stdin = spec["stdin"]
+            stdin_data = decode_stream(stdin["value"], stdin["encoding"])
+            run.stdin_open = (not stdin["close"]) or bool(stdin_data)
+            rspec = RunSpec(
+                argv=argv,
+                env=env,
+                cwd=cwd,
+                uid=spec["uid"],
+                gid=spec["gid"],
+                hostname=spec["hostname"],
+                timeout=float(spec["timeout"]),
+                network=bool(spec["networking"]["enabled"]) and self.network_supported,
+                stdin_open=run.stdin_open,
+            )
+            with run.lock:
+                if run.closed:
+                    return
+                sandbox = Sandbox.start(
+                    lowers=layers,
+                    upper=Path(rundir.upper),
+                    work=Path(rundir.work),
+                    spec=rspec,
+                    on_output=lambda stream, chunk: self._on_output(run, stream, chunk),
+                )
+                run.sandbox = sandbox
+                self._emit(
+                    run,
+                    "spawn",
+                    {
+                        "pid": int(getattr(sandbox, "pid", 0) or 0),
+                        "command": argv[0],
+                        "args": argv[1:],
+                        "shell": spec["shell"],
+                        "cwd": cwd,
+                        "uid": spec["uid"],
+                        "gid": spec["gid"],
+                        "timeout": spec["timeout"],
+                        "truncate_at": spec["truncate_output_at"],
+                        "env": mask_env(env),
+                    },
+                    1,
+                )
+                if run.pending_signal is not None:
+                    sandbox.signal(run.pending_signal)
+            run.started.set()
+            self._feed_initial_stdin(run, stdin_data, stdin["close"])
+            info = sandbox.wait()
+            with run.lock:
+                if run.closed:  # cancelled while running: the op is already terminal
+                    return
+            committed = self._complete(run, info, rundir, image, config, cwd)
+        finally:
+            if not committed:
+                try:
+                    self.store.discard(rundir)
+                except Exception:
+                    log.exception("discard of %s failed", rundir.path)
+
+    def _feed_initial_stdin(self, run: _Run, data: bytes, close: bool) -> None:
+        if not run.stdin_open:
+            return
+        with run.stdin_lock:
+            try:
+                if data:
+                    run.sandbox.write_stdin(data)
+                    self._record_stdin(run, data)
+                if close:
+                    run.stdin_open = False
+                    run.sandbox.close_stdin()
+            except Exception:  # the process exited before reading its stdin
+                run.stdin_open = False
+
+    def _complete(
+        self, run: _Run, info: Any, rundir: Any, image: Any, config: dict[str, Any], cwd: str
+    ) -> bool:
+        """Record exit/shutdown, commit or discard, finish the op. True if committed."""
+        spec = run.spec
+        run.stdin_open = False
+        if getattr(info, "error", None):
+            self._emit(
+                run,
+                "stderr",
+                {"value": f"{info.error}\n", "encoding": "ascii", "truncated": False},
+                0,
+            )
+            self._fail(run, f"spawn failed: {info.error}", reason="spawn_failed")
+            return False
+        timed_out = bool(info.timed_out)
+        if timed_out:
+            code, sig = -1, 9
+        elif info.exit_code is None:
+            code, sig = -1, int(info.signal or 9)
+        else:
+            code, sig = int(info.exit_code), -1
+        duration = float(info.duration or 0.0)
+        for name in ("stdout", "stderr", "stdin"):
+            rec = run.streams[name]
+            if rec.dropped:
+                emitted = len(rec.data) if name != "stdin" else run.stdin_recorded
+                self._emit(
+                    run,
+                    "truncated",
+                    {"stream": name, "bytes_emitted": emitted, "bytes_dropped": rec.dropped},
+                    1,
+                )
+        self._emit(
+            run,
+            "exit",
+            {
+                "pid": int(info.pid or 0),
+                "code": code,
+                "signal": sig,
+                "core_dump": False,
+                "timed_out": timed_out,
+                "duration_ms": round(duration * 1000),
+                "resources": event_resources(info.rusage),
+            },
+            1,
+        )
+        reason = (
+            "timeout"
+            if timed_out
+            else ("signal" if run.signalled and sig != -1 else "job_complete")
+        )
+        self._emit(run, "shutdown", {"stopped_at": iso_z(utcnow()), "reason": reason}, 0)
+        result = {
+            "stdout": self._stream_repr(run, "stdout"),
+            "stderr": self._stream_repr(run, "stderr"),
+            "state": {
+                "exit_code": code,
+                "signal": 0 if sig == -1 else sig,
+                "timed_out": timed_out,
+                "pid": int(info.pid or 0),
+                "core_dump": False,
+                "stopped": False,
+                "continued": False,
+            },
+            "resources": result_resources(info.rusage, duration),
+        }
+        rusage = info.rusage or {}
+        cpu = (int(rusage.get("user_time_us", 0)) + int(rusage.get("sys_time_us", 0))) / 1e6
+        mem = int(rusage.get("max_rss_kb", 0))
+        result_image: str | None = None
+        image_size: int | None = None
+        committed = False
+        if not spec["disposable"]:
+            new_config = self._new_config(run, config, cwd)
+            res = self.store.commit(spec["image"], rundir, operation_uuid=run.op, config=new_config)
+            committed = True
+            result_image = str(res.image)
+            image_size = int(res.size_bytes) if res.changed else 0
+        with run.lock:
+            if run.closed:
+                return committed
+            run.closed = True
+            self.ops.finish(
+                run.op,
+                "SUCCESS",
+                result_image_uuid=result_image,
+                image_size=image_size,
+                consumed_cpu=cpu,
+                consumed_memory=mem,
+                metadata=self._metadata(run, result),
+                result={"image": result_image, "tag": None},
+            )
+        return committed
+
+    def _stream_repr(self, run: _Run, name: str) -> dict[str, Any]:
+        rec = run.streams[name]
+        value, enc = encode_stream(bytes(rec.data))
+        return {"value": value, "encoding": enc, "truncated": rec.dropped > 0}
+
+    def _new_config(self, run: _Run, config: dict[str, Any], cwd: str) -> dict[str, Any] | None:
+        """The result image's config when preserve_env/preserve_cwd change it, else None."""
+        spec = run.spec
+        new = dict(config)
+        if spec["preserve_env"]:
+            env = dict(config.get("env") or {})
+            for k, v in run.raw_env.items():
+                if v is None or v == "":
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+            new["env"] = env
+        if spec["preserve_cwd"]:
+            new["workdir"] = cwd
+        if new == config:
+            return None
+        new.setdefault("env", {})
+        new.setdefault("workdir", None)
+        new.setdefault("user", None)
+        return new
+
+    # -- files --------------------------------------------------------------------
+
+    def _materialize(self, view: Any, upper: Path, files: dict[str, dict[str, Any]]) -> None:
+        """Write the uploaded files into the run's upper dir before the sandbox starts."""
+        for path, spec in files.items():
+            rec = self.files.by_uuid(spec["uuid"])
+            parent = _resolve_in_image(view, upper, posixpath.dirname(posixpath.normpath(path)))
+            name = posixpath.basename(posixpath.normpath(path))
+            _ensure_dirs(view, upper, parent)
+            dest = upper / parent.lstrip("/") / name
+            if dest.is_dir() and not dest.is_symlink():
+                raise RequestError(400, f"cannot write file {path}: it is a directory")
+            if dest.is_symlink() or dest.exists():
+                dest.unlink()
+            tmp = dest.with_name(f".{name}.contree-tmp")
+            shutil.copyfile(self.files.blob_path(rec), tmp)
+            os.chown(tmp, spec["uid"], spec["gid"])
+            os.chmod(tmp, parse_mode(spec["mode"]))
+            os.replace(tmp, dest)
+
+
+def _resolve_in_image(view: Any, upper: Path, path: str) -> str:
+    """Resolve a directory path through the image's symlinks (never leaving its root)."""
+    from contree_shell.sandbox.inspect import PathNotFound
+
+    parts = [p for p in path.split("/") if p]
+    out: list[str] = []
+    hops = 0
+    while parts:
+        comp = parts.pop(0)
+        if comp == ".":
+            continue
+        if comp == "..":
+            if out:
+                out.pop()
+            continue
+        cur = "/" + "/".join([*out, comp])
+        target: str | None = None
+        upper_entry = upper / cur.lstrip("/")
+        if upper_entry.is_symlink():
+            target = os.readlink(upper_entry)
+        elif not upper_entry.exists():
+            try:
+                st = view.stat(cur, follow=False)
+            except (PathNotFound, FileNotFoundError, NotADirectoryError):
+                st = None
+            except Exception:
+                st = None
+            if st is not None and st.is_symlink:
+                target = st.symlink_to
+            elif st is not None and not st.is_dir:
+                raise RequestError(400, f"cannot create {path}: {cur} is not a directory")
+        if target is not None:
+            hops += 1
+            if hops > 40:
+                raise RequestError(400, f"too many symlinks resolving {path}")
+            if target.startswith("/"):
+                out = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        out.append(comp)
+    return "/" + "/".join(out)
+
+
+def _ensure_dirs(view: Any, upper: Path, path: str) -> None:
+    """Create `path` in upper, copying the image's ownership and mode where it exists."""
+    cur = ""
+    for comp in [p for p in path.split("/") if p]:
+        cur = f"{cur}/{comp}"
+        d = upper / cur.lstrip("/")
+        if d.is_dir():
+            continue
+        mode, uid, gid, mtime = 0o755, 0, 0, None
+        try:
+            st = view.stat(cur, follow=False)
+            if st.is_dir:
+                mode, uid, gid, mtime = st.mode & 0o7777, st.uid, st.gid, st.mtime
+        except Exception:  # not in the image: a new directory
+            pass
+        d.mkdir()
+        os.chown(d, uid, gid)
+        os.chmod(d, mode)
+        if mtime is not None:
+            os.utime(d, (mtime, mtime))
+
+
+SIGNAL_NAMES = {
+    name[3:]: int(sig)
+    for name, sig in signal_mod.Signals.__members__.items()
+    if name.startswith("SIG") and not name.startswith("SIG_")
+}
+
+
+def parse_signal(value: str | None) -> int:
+    """9, "KILL", "SIGKILL", "kill" → signal number; default KILL; ValueError if unknown."""
+    if value is None or value == "":
+        return int(signal_mod.SIGKILL)
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        num = int(text)
+        if num < 1 or num > 64:
+            raise ValueError(value)
+        return num
+    name = text.upper()
+    if name.startswith("SIG"):
+        name = name[3:]
+    if name not in SIGNAL_NAMES:
+        raise ValueError(value)
+    return SIGNAL_NAMES[name]
+
+
+__all__ = [
+    "TERMINAL",
+    "Conflict",
+    "InstanceManager",
+    "OperationNotFound",
+    "RequestError",
+    "encode_stream",
+    "normalize_spawn_request",
+    "parse_mode",
+    "parse_signal",
+]
