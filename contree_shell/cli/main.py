@@ -212,8 +212,12 @@ def silence_stdout() -> None:
 
 
 def _guarded(fn: Callable[[], int], debug: bool) -> int:
+    from contree_shell.output import StdoutClosed
+
     try:
         return fn()
+    except StdoutClosed:  # `contree … | head`: output already silenced
+        return EXIT_BROKEN_PIPE
     except (Exception, KeyboardInterrupt) as exc:  # the one place errors become exits
         return _report(exc, debug)
 

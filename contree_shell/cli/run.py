@@ -154,15 +154,12 @@ class _Sink:
     def stdout(self, chunk: bytes) -> None:
         if not self.live or self.broken:
             return
-        from contree_shell.output import write_stdout
+        from contree_shell.output import StdoutClosed, write_stdout
 
         try:
             write_stdout(chunk)
-        except BrokenPipeError:
+        except StdoutClosed:  # stdout already points at /dev/null
             self.broken = True
-            from contree_shell.cli.main import silence_stdout
-
-            silence_stdout()
             raise KeyboardInterrupt from None
 
     def stderr(self, chunk: bytes) -> None:
