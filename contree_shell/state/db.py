@@ -168,17 +168,24 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(row[0] or 0)
 
 
+def _too_new(version: int) -> StateError:
+    return StateError(
+        f"State DB schema {version} is newer than this contree-shell supports "
+        f"({SCHEMA_VERSION}); upgrade contree-shell"
+    )
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
-    if schema_version(conn) >= SCHEMA_VERSION:
+    found = schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise _too_new(found)
+    if found == SCHEMA_VERSION:
         return
     with transaction(conn):
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         current = schema_version(conn)  # re-read under the write lock
         if current > SCHEMA_VERSION:
-            raise StateError(
-                f"State DB schema {current} is newer than this contree-shell supports "
-                f"({SCHEMA_VERSION}); upgrade contree-shell"
-            )
+            raise _too_new(current)
         for version in range(current, SCHEMA_VERSION):
             for statement in _split_sql(MIGRATIONS[version]):
                 conn.execute(statement)
