@@ -293,7 +293,7 @@ def test_parse_ref_forms(text: str, ref: Ref) -> None:
 
 @pytest.mark.parametrize("text", ["@0", "HEAD~0", "0", ":-0", "@+0"])
 def test_zero_refs_are_rejected(text: str) -> None:
-    with pytest.raises(StateError, match="^History reference must be a non-zero number$"):
+    with pytest.raises(StateError, match=r"^History reference must be a non-zero number$"):
         parse_ref(text)
 
 
@@ -574,7 +574,7 @@ def test_find_session_exact_then_literal_suffix(store: SessionStore) -> None:
     assert store.find_session("web+abcd1234") == "web+abcd1234"
     assert store.find_session("1234") == "web+abcd1234"
     assert store.find_session("a_b") == "a_b"
-    with pytest.raises(StateError, match="^Session 'zz' not found$"):
+    with pytest.raises(StateError, match=r"^Session 'zz' not found$"):
         store.find_session("zz")
     store.append("x+9", kind="use", image="i", title="i")
     with pytest.raises(StateError, match=r"Ambiguous session '9': matches api\+abcd9999, x\+9"):
