@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +151,26 @@ def test_real_debootstrap_minbase(tmp_path: Path) -> None:
         tmp_path / "deb/var/lib/apt/lists/partial"
     ]
     assert any("Base system installed" in line for line in lines)
+
+
+@pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap not installed")
+def test_debootstrap_failure_is_one_line_error_with_its_last_message(tmp_path: Path) -> None:
+    lines: list[str] = []
+    with pytest.raises(BootstrapError) as err:
+        debootstrap_rootfs(
+            tmp_path / "r", "bookworm", lines.append, mirror="http://127.0.0.1:9/debian"
+        )
+    assert "\n" not in str(err.value)
+    assert "Failed getting release file" in str(err.value)
+    assert lines[0].startswith("debootstrap --variant=minbase bookworm")
+
+
+@pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap not installed")
+def test_debootstrap_cancel_stops_it(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(BootstrapError, match="cancelled"):
+        debootstrap_rootfs(
+            tmp_path / "r", "bookworm", lambda _: None,
+            mirror="http://127.0.0.1:9/debian", cancel=cancel,
+        )  # fmt: skip

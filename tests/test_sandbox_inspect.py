@@ -287,3 +287,8 @@ def test_format_ls_rows_look_like_ls(layers: list[Path]) -> None:
 
 def test_format_ls_of_empty_dir() -> None:
     assert format_ls("/empty", []) == "total 0\n"
+
+
+def test_format_ls_accepts_entries_alone(layers: list[Path]) -> None:
+    _, entries = ImageView(layers).listdir("/etc")
+    assert format_ls(entries) == format_ls("/etc", entries)

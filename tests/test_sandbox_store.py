@@ -334,3 +334,11 @@ def test_busybox_rootfs_becomes_a_runnable_image(store: Store) -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.splitlines() == ["ok", "/usr/bin/env"]
+
+
+def test_store_reexports_the_path_errors_of_inspect() -> None:
+    from contree_shell.sandbox import inspect, store
+
+    assert store.PathNotFound is inspect.PathNotFound
+    assert store.NotADirectory is inspect.NotADirectory
+    assert store.NotAFile is inspect.NotAFile

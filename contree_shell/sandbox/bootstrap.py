@@ -5,9 +5,12 @@ Both builders write a plain directory tree; ``Store.add_rootfs`` turns it into a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -226,13 +229,19 @@ def _unmount_below(dest: Path) -> None:
 
 
 def debootstrap_rootfs(
-    dest: Path, suite: str, progress: Callable[[str], None], *, mirror: str | None = None
+    dest: Path,
+    suite: str,
+    progress: Callable[[str], None],
+    *,
+    mirror: str | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Build a Debian ``minbase`` rootfs for ``suite`` at ``dest``.
 
     debootstrap's output lines go to ``progress`` as they come. Afterwards the apt caches
     and lists are emptied and the host copies of hostname/resolv.conf are blanked, to keep
-    the image small and free of host details.
+    the image small and free of host details. Setting ``cancel`` stops debootstrap at
+    its next output line and raises BootstrapError.
     """
     exe = shutil.which("debootstrap")
     if exe is None:
@@ -252,6 +261,7 @@ def debootstrap_rootfs(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+            start_new_session=True,  # so a cancel reaches wget/dpkg children too
         )
         assert proc.stdout is not None
         with proc:
@@ -260,9 +270,15 @@ def debootstrap_rootfs(
                 if line:
                     tail.append(line)
                     progress(line)
+                if cancel is not None and cancel.is_set():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    break
         rc = proc.returncode
     finally:
         _unmount_below(dest)
+    if cancel is not None and cancel.is_set():
+        raise BootstrapError(f"debootstrap {suite} cancelled")
     if rc != 0:
         last = tail[-1] if tail else "no output"
         raise BootstrapError(f"debootstrap {suite} failed (exit {rc}): {last}")

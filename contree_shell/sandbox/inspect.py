@@ -15,6 +15,7 @@ import os
 import stat
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -307,13 +308,22 @@ def _ls_time(mtime: int, now: float) -> str:
     return time.strftime("%b %d  %Y", t)
 
 
-def format_ls(dir_path: str, entries: list[EntryStat], *, now: float | None = None) -> str:
+def format_ls(
+    dir_path: str | Sequence[EntryStat],
+    entries: Sequence[EntryStat] | None = None,
+    *,
+    now: float | None = None,
+) -> str:
     """An ``ls -l``-like listing of ``entries``: ``total <KiB>`` then one row per entry.
 
     ``total`` approximates ls's allocated-size sum with 4 KiB blocks (fast symlinks use
-    none). ``dir_path`` is accepted for symmetry with ``listdir``; rows show names only.
+    none). Rows show names only, so ``dir_path`` is informational; ``format_ls(entries)``
+    is accepted too.
     """
-    del dir_path
+    if entries is None:
+        if isinstance(dir_path, str):
+            raise TypeError("format_ls() needs the entries to list")
+        entries = dir_path
     now = time.time() if now is None else now
     total = sum(0 if e.is_symlink else -(-e.size // 4096) * 4 for e in entries)
     rows = [

@@ -32,7 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from contree_shell.sandbox import snapshot
-from contree_shell.sandbox.inspect import ImageView
+from contree_shell.sandbox.inspect import ImageView, NotADirectory, NotAFile, PathNotFound
+
+__all__ = [
+    "MAX_LAYERS",
+    "SQUASH_THRESHOLD",
+    "CommitResult",
+    "ImageNotFound",
+    "ImageRecord",
+    "InvalidTag",
+    "NotADirectory",
+    "NotAFile",
+    "PathNotFound",
+    "RunDir",
+    "Store",
+    "TagNotFound",
+    "TooManyLayers",
+    "validate_tag",
+]
 
 MAX_LAYERS = 500  # overlayfs refuses more lower layers (OVL_MAX_STACK)
 SQUASH_THRESHOLD = 128  # chains this deep should be squashed (not implemented yet)
