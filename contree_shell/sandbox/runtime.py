@@ -1,0 +1,726 @@
+"""Run one command in a fresh sandbox: namespaces, an overlay root, a hardened process.
+
+Process tree of one run (host view)::
+
+    server I/O thread ──fork──► intermediate: unshare(mnt pid uts ipc net cgroup),
+                                 / rprivate, overlay mounted over the run dir
+                                   └─fork─► pid 1: /proc /sys /dev /etc binds, hostname,
+                                            lo up, pivot_root; reaps until the command exits
+                                              └─fork─► command: setsid, uid/gid, caps,
+                                                       no_new_privs, seccomp, execvpe
+
+The fork happens on the sandbox's own I/O thread because PR_SET_PDEATHSIG fires when the
+forking *thread* exits: that thread lives exactly as long as the run. If the server dies
+(even by SIGKILL), the intermediate and then pid 1 get SIGKILL, the kernel kills the rest
+of the pid namespace, and the mount namespace (holding the overlay) goes with its last
+process. Nothing is ever mounted in the host's mount namespace.
+
+After fork, children call only ``os`` functions and the pre-resolved ctypes wrappers of
+:mod:`syscalls`; everything they need is prepared as bytes beforehand.
+
+Children report to the server on a status pipe (fd 3 in the children), one line each::
+
+    P <host pid of pid 1>          from the intermediate
+    S <namespace pid of command>   from pid 1, once the command is forked
+    E <stage> <errno>              a setup step (or exec) failed
+    X <wait status> <15 rusage counters>   from pid 1 when the command has exited
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import resource  # noqa: F401  # os.wait4 imports it lazily; a child after pivot_root cannot
+import selectors
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contree_shell.sandbox import hardening
+from contree_shell.sandbox import syscalls as sc
+
+log = logging.getLogger(__name__)
+
+RUSAGE_KEYS: tuple[str, ...] = (
+    "user_time_us", "sys_time_us", "max_rss_kb", "shared_memory", "unshared_memory",
+    "swaps", "minor_faults", "major_faults", "voluntary_ctx_switches",
+    "involuntary_ctx_switches", "block_input_ops", "block_output_ops", "ipc_msgs_sent",
+    "ipc_msgs_received", "signals_received",
+)  # fmt: skip
+
+_NS_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
+             | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)  # fmt: skip
+_READ_CHUNK = 65536
+_STATUS_FD = 3
+_EXEC_STAGE = b"exec"
+# Mount points the runtime covers. A scaffold layer at the bottom of every overlay
+# provides them, so an image that lacks one still needs no write into upper.
+_SCAFFOLD_DIRS = ("proc", "sys", "dev", "etc", "tmp")
+_SCAFFOLD_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
+
+
+class SandboxError(Exception):
+    """The sandbox could not be started (bad spec or a host-side failure)."""
+
+
+class StdinClosed(Exception):
+    """write_stdin after close_stdin, or after the sandbox finished."""
+
+
+@dataclass
+class RunSpec:
+    """What to run and how. ``argv`` is exec'd with execvpe semantics (PATH from env)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    hostname: str = "linuxkit"
+    timeout: float | None = None
+    network: bool = False
+    stdin_open: bool = False
+
+
+@dataclass
+class ExitInfo:
+    """How a run ended. ``exit_code`` is None when the command was killed by a signal or
+    the timeout; ``error`` carries spawn failures (exec failure: exit_code 127)."""
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    pid: int
+    duration: float
+    rusage: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    """Every byte string and structure the children use, built before forking."""
+
+    lowers: list[bytes]  # top first, scaffold last
+    upper: bytes
+    work: bytes
+    target: bytes
+    legacy_dir: bytes
+    legacy_data: bytes
+    hostname: bytes
+    etc_files: list[tuple[bytes, bytes]]  # (target, content)
+    cwd: str
+    argv: list[str]
+    env: dict[str, str]
+    harden: hardening.Hardening
+    lo: sc.IfReq
+    parent_pid: int
+    unshare_flags: int
+
+
+_scaffold_lock = threading.Lock()
+_scaffold_path: Path | None = None
+
+
+def _scaffold() -> Path:
+    """A read-only lower layer holding only the mount points (created once per process)."""
+    global _scaffold_path
+    with _scaffold_lock:
+        path = _scaffold_path
+        if path is not None and (path / "etc/resolv.conf").exists():
+            return path
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="contree-scaffold-"))
+        os.chmod(path, 0o755)
+        for d in _SCAFFOLD_DIRS:
+            (path / d).mkdir(mode=0o755)
+        os.chmod(path / "tmp", 0o1777)
+        for f in _SCAFFOLD_FILES:
+            (path / f).touch(mode=0o644)
+        _scaffold_path = path
+        return path
+
+
+def _hosts(hostname: str) -> bytes:
+    return (f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"127.0.1.1\t{hostname}\n").encode()  # fmt: skip
+
+
+def _validate(spec: RunSpec) -> None:
+    if not spec.argv or not spec.argv[0]:
+        raise SandboxError("empty command")
+    texts = [*spec.argv, *spec.env.keys(), *spec.env.values(), spec.cwd, spec.hostname]
+    if any("\0" in t for t in texts):
+        raise SandboxError("command, env, cwd and hostname must not contain NUL bytes")
+    if any("=" in k or not k for k in spec.env):
+        raise SandboxError("environment variable names must be non-empty and contain no '='")
+    if not spec.cwd.startswith("/"):
+        raise SandboxError(f"cwd must be absolute: {spec.cwd!r}")
+    if not spec.hostname or len(spec.hostname.encode()) > 64:
+        raise SandboxError("hostname must be 1..64 bytes")
+    if spec.uid < 0 or spec.gid < 0:
+        raise SandboxError("uid and gid must be >= 0")
+    if spec.network:
+        raise SandboxError("network=True is not supported by this engine yet")
+
+
+def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
+    _validate(spec)
+    if not lowers:
+        raise SandboxError("an image needs at least one layer")
+    layers = [os.fsencode(os.path.abspath(p)) for p in reversed(lowers)]
+    layers.append(os.fsencode(_scaffold()))
+    upper_b = os.fsencode(os.path.abspath(upper))
+    work_b = os.fsencode(os.path.abspath(work))
+    for p in (*layers, upper_b, work_b):
+        if b"," in p or b":" in p:
+            raise SandboxError(f"layer path contains ',' or ':': {os.fsdecode(p)}")
+    # Legacy mount(2) fallback: chdir to the layers' common parent and name them relative
+    # to it, which keeps deep chains under the one-page option limit.
+    common = os.path.commonpath([os.fsdecode(p) for p in layers])
+    rel = [os.fsencode(os.path.relpath(os.fsdecode(p), common)) for p in layers]
+    legacy = b"lowerdir=" + b":".join(rel) + b",upperdir=" + upper_b + b",workdir=" + work_b
+    hostname = spec.hostname.encode()
+    lo = sc.IfReq()
+    lo.name = b"lo"
+    return _Plan(
+        lowers=layers,
+        upper=upper_b,
+        work=work_b,
+        target=os.fsencode(os.path.abspath(upper.parent)),
+        legacy_dir=os.fsencode(common),
+        legacy_data=legacy,
+        hostname=hostname,
+        etc_files=[(b"etc/hostname", hostname + b"\n"), (b"etc/hosts", _hosts(spec.hostname)),
+                   (b"etc/resolv.conf", b"")],
+        cwd=spec.cwd,
+        argv=list(spec.argv),
+        env=dict(spec.env),
+        harden=hardening.prepare(spec.uid, spec.gid),
+        lo=lo,
+        parent_pid=os.getpid(),
+        unshare_flags=_NS_FLAGS,
+    )
+
+
+# ----------------------------------------------------------------- children (after fork)
+
+
+def _report(line: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.write(_STATUS_FD, line)
+
+
+def _mount_overlay(plan: _Plan) -> None:
+    try:
+        fs = sc.fsopen(b"overlay")
+    except OSError:
+        fs = -1
+    if fs >= 0:
+        try:
+            for layer in plan.lowers:
+                sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"lowerdir+", layer)
+            sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"upperdir", plan.upper)
+            sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"workdir", plan.work)
+            sc.fsconfig(fs, sc.FSCONFIG_CMD_CREATE)
+            mnt = sc.fsmount(fs)
+            try:
+                sc.move_mount(mnt, plan.target)
+            finally:
+                os.close(mnt)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+        finally:
+            os.close(fs)
+    os.chdir(plan.legacy_dir)  # kernels without lowerdir+: relative layer names
+    sc.mount(b"overlay", plan.target, b"overlay", 0, plan.legacy_data)
+
+
+def _intermediate(plan: _Plan, fds: tuple[int, int, int, int]) -> None:
+    """First child: namespaces and the overlay; never returns."""
+    code = 1
+    stage = b"setup"
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != plan.parent_pid:
+            os._exit(1)  # the server died before PDEATHSIG was armed
+        os.dup2(fds[0], 0)
+        os.dup2(fds[1], 1)
+        os.dup2(fds[2], 2)
+        os.dup2(fds[3], _STATUS_FD, inheritable=False)
+        # Drop every other descriptor of the server, including other sandboxes' pipes,
+        # which would otherwise delay their EOF until this run ends.
+        os.closerange(_STATUS_FD + 1, 1 << 20)
+        stage = b"unshare"
+        sc.unshare(plan.unshare_flags)
+        stage = b"mount-private"
+        sc.mount(None, b"/", None, sc.MS_REC | sc.MS_PRIVATE)
+        stage = b"mount-overlay"
+        _mount_overlay(plan)
+        alive_r, alive_w = os.pipe()
+        stage = b"fork"
+        pid1 = os.fork()
+        if pid1 == 0:
+            os.close(alive_w)
+            _pid1(plan, alive_r)
+        os.close(alive_r)
+        _report(b"P %d\n" % pid1)
+        for fd in (0, 1, 2):
+            os.close(fd)
+        # Wait for pid 1 to be gone: its zombie appears only after every process of the
+        # namespace is dead, so our exit tells the server the overlay is unmounted.
+        os.waitpid(pid1, 0)
+        code = 0
+    except BaseException as e:
+        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
+    finally:
+        os._exit(code)
+
+
+def _pid1(plan: _Plan, alive_r: int) -> None:
+    """pid 1 of the sandbox: finish the root, start the command, reap; never returns."""
+    code = 1
+    stage = b"pid1"
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.set_blocking(alive_r, False)
+        try:
+            if os.read(alive_r, 1) == b"":
+                os._exit(1)  # the intermediate is already gone
+        except BlockingIOError:
+            pass
+        os.close(alive_r)
+        os.umask(0o022)
+        os.chdir(plan.target)
+        stage = b"mount-proc"
+        hardening.setup_proc(b"/dev/null")
+        stage = b"mount-sys"
+        hardening.setup_sys()
+        stage = b"mount-dev"
+        hardening.setup_dev(b"/dev")
+        stage = b"mount-etc"
+        for target, content in plan.etc_files:
+            hardening.bind_private_file(b"dev/.contree-etc", target, content)
+        stage = b"sethostname"
+        sc.sethostname(plan.hostname)
+        stage = b"loopback"
+        sc.interface_up(plan.lo)
+        stage = b"pivot_root"
+        sc.pivot_root(b".", b".")
+        sc.umount2(b".", sc.MNT_DETACH)
+        os.chdir(b"/")
+        stage = b"cwd"
+        os.makedirs(plan.cwd, 0o755, exist_ok=True)
+        os.chdir(plan.cwd)
+        stage = b"fork"
+        cmd = os.fork()
+        if cmd == 0:
+            _command(plan)
+        _report(b"S %d\n" % cmd)
+        for fd in (0, 1, 2):
+            os.close(fd)
+        stage = b"wait"
+        while True:
+            pid, status, ru = os.wait4(-1, 0)
+            if pid == cmd:
+                break
+        counters = (int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6), ru.ru_maxrss, ru.ru_ixrss,
+                    ru.ru_idrss + ru.ru_isrss, ru.ru_nswap, ru.ru_minflt, ru.ru_majflt,
+                    ru.ru_nvcsw, ru.ru_nivcsw, ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd,
+                    ru.ru_msgrcv, ru.ru_nsignals)  # fmt: skip
+        _report(b"X %d " % status + b" ".join(b"%d" % c for c in counters) + b"\n")
+        code = 0
+    except BaseException as e:
+        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
+    finally:
+        os._exit(code)
+
+
+def _command(plan: _Plan) -> None:
+    """The command: new session, dropped privileges, exec; never returns."""
+    stage = b"harden"
+    try:
+        os.setsid()
+        hardening.apply(plan.harden)
+        stage = _EXEC_STAGE
+        os.execvpe(plan.argv[0], plan.argv, plan.env)
+    except BaseException as e:
+        err = getattr(e, "errno", None) or 0
+        _report(b"E %s %d\n" % (stage, err))
+        os._exit(127 if stage != _EXEC_STAGE or err == errno.ENOENT else 126)
+    os._exit(127)
+
+
+# ------------------------------------------------------------------------ server side
+
+
+def _high_fd(fd: int) -> int:
+    """Move ``fd`` above 3 so the children's dup2 onto 0..3 cannot clobber it."""
+    if fd > _STATUS_FD:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return new
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    return _high_fd(r), _high_fd(w)
+
+
+def _host_pid_of(pid1: int, ns_pid: int) -> int | None:
+    """Host pid of the child of ``pid1`` whose pid inside the namespace is ``ns_pid``."""
+    try:
+        with open(f"/proc/{pid1}/task/{pid1}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            with open(f"/proc/{child}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        if int(line.split()[-1]) == ns_pid:
+                            return int(child)
+                        break
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class Sandbox:
+    """One running sandbox. Thread-safe methods; callbacks run on the sandbox's I/O thread."""
+
+    def __init__(self, plan: _Plan, spec: RunSpec, on_output: Callable[[str, bytes], None],
+                 on_exit: Callable[[ExitInfo], None] | None) -> None:  # fmt: skip
+        self._plan = plan
+        self._spec = spec
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self._stdin_queue: deque[bytes] = deque()
+        self._stdin_closing = not spec.stdin_open
+        self._stdin_closed = False
+        self._forked = threading.Event()
+        self._done = threading.Event()
+        self._spawn_error: BaseException | None = None
+        self._info: ExitInfo | None = None
+        self._intermediate = 0
+        self._intermediate_reaped = False
+        self._pid1 = 0
+        self._pid1_fd = -1
+        self._ns_pid = 0
+        self._cmd_host_pid: int | None = None
+        self._killed = False
+        self._timed_out = False
+        self._t0 = 0.0
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = _pipe()
+        os.set_blocking(self._wake_w, False)
+
+    @classmethod
+    def start(cls, *, lowers: list[Path], upper: Path, work: Path, spec: RunSpec,
+              on_output: Callable[[str, bytes], None],
+              on_exit: Callable[[ExitInfo], None] | None = None) -> Sandbox:  # fmt: skip
+        """Start ``spec`` over the layers (bottom..top) with a fresh upper/work pair.
+
+        Returns once the sandbox process exists; raises SandboxError when the spec is
+        invalid or the host cannot fork. Setup failures inside the sandbox are reported
+        through ExitInfo.error.
+        """
+        plan = _plan(lowers, upper, work, spec)
+        sb = cls(plan, spec, on_output, on_exit)
+        sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
+        sb._thread.start()
+        sb._forked.wait()
+        if sb._spawn_error is not None:
+            sb._thread.join()
+            sb._close_wake()
+            raise SandboxError(f"cannot start sandbox: {sb._spawn_error}") from sb._spawn_error
+        return sb
+
+    # ------------------------------------------------------------------ public controls
+
+    @property
+    def started(self) -> bool:
+        """True once the sandbox processes exist."""
+        return self._forked.is_set() and self._spawn_error is None
+
+    def done(self) -> bool:
+        """True once the run has ended and every sandbox process is gone."""
+        return self._done.is_set()
+
+    def write_stdin(self, data: bytes) -> None:
+        """Queue ``data`` for the command's stdin (never blocks)."""
+        with self._lock:
+            if self._stdin_closing or self._stdin_closed or self._done.is_set():
+                raise StdinClosed("stdin is closed")
+            if data:
+                self._stdin_queue.append(bytes(data))
+        self._wake()
+
+    def close_stdin(self) -> None:
+        """Close stdin once the queued data is written (idempotent)."""
+        with self._lock:
+            self._stdin_closing = True
+        self._wake()
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the main process's process group (no-op once it has exited)."""
+        with self._lock:
+            if self._done.is_set() or not self._ns_pid:
+                return
+            if self._cmd_host_pid is None:
+                self._cmd_host_pid = _host_pid_of(self._pid1, self._ns_pid)
+            target = self._cmd_host_pid
+        if target is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(target, sig)
+
+    def kill(self) -> None:
+        """SIGKILL everything in the sandbox at once."""
+        with self._lock:
+            self._kill_locked()
+
+    def wait(self, timeout: float | None = None) -> ExitInfo | None:
+        """The ExitInfo once done (after on_exit returned), or None on timeout."""
+        if threading.current_thread() is self._thread:
+            return self._info
+        if not self._done.wait(timeout):
+            return None
+        return self._info
+
+    # ------------------------------------------------------------------------ internals
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"!")
+
+    def _close_wake(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _kill_locked(self) -> None:
+        self._killed = True
+        if self._pid1_fd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
+        if self._intermediate and not self._intermediate_reaped and self._pid1_fd < 0:
+            # pid 1 unknown yet: killing the intermediate takes pid 1 with it (PDEATHSIG).
+            with contextlib.suppress(OSError):
+                os.kill(self._intermediate, signal.SIGKILL)
+
+    def _io_main(self) -> None:
+        stdin_r, stdin_w = _pipe()
+        out_r, out_w = _pipe()
+        err_r, err_w = _pipe()
+        st_r, st_w = _pipe()
+        child_ends = (stdin_r, out_w, err_w, st_w)
+        try:
+            self._t0 = time.monotonic()
+            pid = os.fork()
+        except BaseException as e:
+            for fd in (*child_ends, stdin_w, out_r, err_r, st_r):
+                os.close(fd)
+            self._spawn_error = e
+            self._forked.set()
+            return
+        if pid == 0:
+            _intermediate(self._plan, child_ends)
+        for fd in child_ends:
+            os.close(fd)
+        self._intermediate = pid
+        self._forked.set()
+        try:
+            self._loop(stdin_w, out_r, err_r, st_r)
+        finally:
+            self._finish()
+
+    def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
+        sel = selectors.DefaultSelector()
+        os.set_blocking(stdin_w, False)
+        sel.register(out_r, selectors.EVENT_READ, "stdout")
+        sel.register(err_r, selectors.EVENT_READ, "stderr")
+        sel.register(st_r, selectors.EVENT_READ, "status")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        open_reads = {out_r, err_r, st_r}
+        stdin_fd: int | None = stdin_w
+        stdin_registered = False
+        pending = b""  # stdin bytes taken from the queue but not yet written
+        status_buf = b""
+        timeout = self._spec.timeout
+        deadline = self._t0 + timeout if timeout is not None else None
+        try:
+            while open_reads:
+                # stdin: close when asked and drained; watch writability while data waits.
+                if stdin_fd is not None:
+                    with self._lock:
+                        if not pending and self._stdin_queue:
+                            pending = b"".join(self._stdin_queue)
+                            self._stdin_queue.clear()
+                        closing = self._stdin_closing
+                    if not pending and closing:
+                        if stdin_registered:
+                            sel.unregister(stdin_fd)
+                        os.close(stdin_fd)
+                        stdin_fd, stdin_registered = None, False
+                        with self._lock:
+                            self._stdin_closed = True
+                    elif pending and not stdin_registered:
+                        sel.register(stdin_fd, selectors.EVENT_WRITE, "stdin")
+                        stdin_registered = True
+                wait_for: float | None = None
+                if deadline is not None and not self._timed_out:
+                    wait_for = max(0.0, deadline - time.monotonic())
+                events = sel.select(wait_for)
+                if deadline is not None and not self._timed_out and time.monotonic() >= deadline:
+                    with self._lock:
+                        self._timed_out = True
+                        self._kill_locked()
+                for key, _mask in events:
+                    fd = int(key.fd)
+                    what = key.data
+                    if what == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(fd, 4096)
+                    elif what == "stdin":
+                        try:
+                            n = os.write(fd, pending[:_READ_CHUNK * 4])
+                            pending = pending[n:]
+                        except BlockingIOError:
+                            pass
+                        except OSError:  # EPIPE: nobody reads stdin any more
+                            pending = b""
+                            with self._lock:
+                                self._stdin_queue.clear()
+                                self._stdin_closing = True
+                        if not pending and stdin_registered:
+                            sel.unregister(fd)
+                            stdin_registered = False
+                    else:
+                        try:
+                            chunk = os.read(fd, _READ_CHUNK)
+                        except BlockingIOError:
+                            continue
+                        if not chunk:
+                            sel.unregister(fd)
+                            os.close(fd)
+                            open_reads.discard(fd)
+                        elif what == "status":
+                            status_buf += chunk
+                            *lines, status_buf = status_buf.split(b"\n")
+                            for line in lines:
+                                self._status_line(line)
+                        else:
+                            try:
+                                self._on_output(what, chunk)
+                            except Exception:
+                                log.exception("sandbox on_output callback failed")
+        finally:
+            sel.close()
+            for fd in open_reads:
+                os.close(fd)
+            if stdin_fd is not None:
+                os.close(stdin_fd)
+            with self._lock:
+                self._stdin_closed = True
+
+    def _status_line(self, line: bytes) -> None:
+        parts = line.split()
+        if not parts:
+            return
+        kind = parts[0]
+        if kind == b"P":
+            pid1 = int(parts[1])
+            try:
+                fd = sc.pidfd_open(pid1)
+            except OSError:
+                fd = -1
+            with self._lock:
+                self._pid1 = pid1
+                self._pid1_fd = fd
+                if self._killed and fd >= 0:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        elif kind == b"S":
+            with self._lock:
+                self._ns_pid = int(parts[1])
+        elif kind == b"E":
+            if self._error is None:
+                self._error = (parts[1].decode(errors="replace"), int(parts[2]))
+        elif kind == b"X":
+            self._status = int(parts[1])
+            self._rusage = dict(zip(RUSAGE_KEYS, (int(p) for p in parts[2:]), strict=False))
+
+    _error: tuple[str, int] | None = None
+    _status: int | None = None
+    _rusage: dict[str, int] | None = None
+
+    def _finish(self) -> None:
+        # Reap the intermediate; it exits only after pid 1 (and so the whole namespace)
+        # is gone, unless it was killed itself, in which case wait on pid 1 directly.
+        try:
+            os.waitpid(self._intermediate, 0)
+        except ChildProcessError:
+            pass
+        with self._lock:
+            self._intermediate_reaped = True
+            pid1_fd, self._pid1_fd = self._pid1_fd, -1
+        if pid1_fd >= 0:
+            sel = selectors.DefaultSelector()
+            try:
+                sel.register(pid1_fd, selectors.EVENT_READ)
+                sel.select(None)
+            finally:
+                sel.close()
+                os.close(pid1_fd)
+        duration = time.monotonic() - self._t0
+        self._info = self._exit_info(duration)
+        self._close_wake()
+        if self._on_exit is not None:
+            try:
+                self._on_exit(self._info)
+            except Exception:
+                log.exception("sandbox on_exit callback failed")
+        self._done.set()
+
+    def _exit_info(self, duration: float) -> ExitInfo:
+        rusage = self._rusage or dict.fromkeys(RUSAGE_KEYS, 0)
+        exit_code: int | None = None
+        sig: int | None = None
+        error: str | None = None
+        if self._timed_out:
+            sig = signal.SIGKILL
+        elif self._status is not None:
+            if os.WIFEXITED(self._status):
+                exit_code = os.WEXITSTATUS(self._status)
+            elif os.WIFSIGNALED(self._status):
+                sig = os.WTERMSIG(self._status)
+        elif self._killed:
+            sig = signal.SIGKILL
+        if self._error is not None:
+            stage, err = self._error
+            reason = os.strerror(err) if err else "failed"
+            if stage == _EXEC_STAGE.decode():
+                error = f"exec {self._spec.argv[0]}: {reason}"
+                if not self._timed_out:
+                    exit_code = 127 if err == errno.ENOENT else 126
+            else:
+                error = f"sandbox setup failed at {stage}: {reason}"
+        elif self._status is None and not self._killed and not self._timed_out:
+            error = "sandbox exited without a status"
+        return ExitInfo(exit_code=exit_code, signal=sig, timed_out=self._timed_out,
+                        pid=self._ns_pid, duration=duration, rusage=rusage, error=error)  # fmt: skip
