@@ -16,7 +16,7 @@ from contree_shell.shell import commands
 from contree_shell.shell.context import ShellContext
 from contree_shell.shell.router import Builtin, parse_duration
 
-__all__ = ["BuiltinSpec", "all_names", "builtin", "lookup", "registry", "run_builtin"]
+__all__ = ["BuiltinSpec", "all_names", "builtin", "help_map", "lookup", "registry", "run_builtin"]
 
 Handler = Callable[[ShellContext, Builtin], int]
 
@@ -60,6 +60,13 @@ def all_names() -> list[str]:
     return [*_REGISTRY, *_ALIASES]
 
 
+def help_map() -> dict[str, str]:
+    """Every name and alias → its one-line help (completion metadata)."""
+    out = {spec.name: spec.help for spec in _REGISTRY.values()}
+    out.update({alias: _REGISTRY[name].help for alias, name in _ALIASES.items()})
+    return out
+
+
 def lookup(name: str) -> BuiltinSpec | None:
     """The builtin registered as `name` or as one of its aliases."""
     return _REGISTRY.get(_ALIASES.get(name, name))
@@ -75,44 +82,28 @@ def run_builtin(sh: ShellContext, call: Builtin) -> int:
 
 
 def _out(text: str) -> None:
-    output.write_stdout((text if text.endswith("\n") else text + "\n").encode())
+    output.line(text.rstrip("\n"))
 
 
 # -- navigation ------------------------------------------------------------------------
 
 
-@builtin("cd", "change the working directory in the sandbox", usage="cd [PATH|-]")
+@builtin("cd", "change the working directory in the sandbox (no arg: the image default)",
+         usage="cd [PATH|-]")
 def _cd(sh: ShellContext, call: Builtin) -> int:
-    from contree_shell.client.errors import ApiError, NotFound
+    from contree_shell.cli.navigate import change_directory
 
     if len(call.args) > 1:
         output.error("cd: too many arguments")
         return 1
     current = sh.cwd()
     if not call.args:
-        target = ""  # back to the image's own WORKDIR, as the official shell does
+        # Back to the image's own WORKDIR ("" = no cwd sent), as the official shell does.
+        sh.ctx.store.append(sh.key, kind="cd", image=sh.ctx.current_image(), title="")
     elif call.args[0] == "-":
-        target = sh.previous_cwd
-        _out(display_cwd(target))
+        _out(display_cwd(change_directory(sh.ctx, sh.previous_cwd)))
     else:
-        target = resolve_path(current, call.args[0])
-    image = sh.image()
-    if image is None:
-        output.error("No active session. Run `contree use IMAGE` to start one.")
-        return 1
-    if target:
-        shown = call.args[0] if call.args and call.args[0] != "-" else target
-        try:
-            sh.ctx.client.list_dir(image, target)
-        except NotFound:
-            output.error(f"cd: {shown}: no such directory")
-            return 1
-        except ApiError as exc:
-            if exc.status in (400, 409, 422):
-                output.error(f"cd: {shown}: not a directory")
-                return 1
-            raise
-    sh.ctx.store.append(sh.key, kind="cd", image=image, title=target)
+        change_directory(sh.ctx, call.args[0])
     sh.previous_cwd = display_cwd(current)
     return 0
 

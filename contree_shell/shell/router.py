@@ -22,6 +22,7 @@ __all__ = [
     "is_incomplete",
     "join_continuation",
     "parse_duration",
+    "split_commands",
 ]
 
 
@@ -125,6 +126,40 @@ def join_continuation(text: str) -> str:
             out.append(ch)
         i += 1
     return "".join(out)
+
+
+def split_commands(text: str) -> list[str]:
+    """Split (possibly pasted, possibly multi-line) input into commands, in order.
+
+    Backslash-newlines are joined first; then every newline outside quotes ends a
+    command, so a pasted block runs line by line (builtins included) and a quoted
+    newline stays inside its command. Blank lines are dropped; an unterminated last
+    command is returned as is (it classifies as Incomplete).
+    """
+    joined = join_continuation(text)
+    commands: list[str] = []
+    current: list[str] = []
+    quote = ""
+    escaped = False
+    for ch in joined:
+        if escaped:
+            escaped = False
+        elif quote:
+            if ch == quote:
+                quote = ""
+            elif ch == "\\" and quote == '"':
+                escaped = True
+        elif ch == "\\":
+            escaped = True
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "\n":
+            commands.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    commands.append("".join(current))
+    return [c for c in commands if c.strip()]
 
 
 def _tokens(line: str) -> list[str] | None:

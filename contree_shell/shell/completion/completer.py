@@ -1,0 +1,196 @@
+"""The prompt_toolkit completer: the engine says what fits, the sources say what exists.
+
+Wrap it in ThreadedCompleter (repl.py does) so a slow listing never blocks typing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shlex
+from collections.abc import Callable, Iterable, Iterator
+
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+
+from contree_shell.shell.completion.engine import (
+    Analysis,
+    BuiltinNames,
+    Choices,
+    CommandNames,
+    FlagNames,
+    HelpTopics,
+    SandboxPath,
+    Source,
+    Suggestion,
+    Word,
+    analyze,
+)
+from contree_shell.shell.completion.sources import Sources
+
+__all__ = ["ContreeCompleter", "escape_word"]
+
+log = logging.getLogger(__name__)
+
+# Contree commands that make no sense inside the shell are not offered there.
+_HIDDEN_IN_SHELL = {"shell", "sh"}
+_UNSAFE = re.compile(r"([^\w@%+=:,./-])")
+
+
+def escape_word(text: str) -> str:
+    """Backslash-escape what sh would otherwise split or expand."""
+    return _UNSAFE.sub(r"\\\1", text)
+
+
+class ContreeCompleter(Completer):
+    """Completion for the contree shell.
+
+    `parser` returns the for-shell argparse tree (None if unavailable); `builtins`
+    maps builtin names to their one-line help; `cwd` and `image` read the session.
+    """
+
+    def __init__(
+        self,
+        sources: Sources,
+        *,
+        parser: Callable[[], argparse.ArgumentParser | None],
+        builtins: Callable[[], dict[str, str]],
+        cwd: Callable[[], str],
+        image: Callable[[], str | None],
+    ) -> None:
+        self.sources = sources
+        self._parser = parser
+        self._builtins = builtins
+        self._cwd = cwd
+        self._image = image
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent
+                        ) -> Iterator[Completion]:
+        try:
+            builtins = self._builtins()
+            parser = self._safe_parser()
+            analysis = analyze(document.text_before_cursor, parser, frozenset(builtins))
+            for suggestion in analysis.suggestions:
+                yield from self._complete(suggestion, analysis, builtins, parser)
+        except Exception:  # Tab must never raise into the prompt
+            log.debug("completion failed", exc_info=True)
+
+    def _safe_parser(self) -> argparse.ArgumentParser | None:
+        try:
+            return self._parser()
+        except Exception:
+            log.debug("no parser for completion", exc_info=True)
+            return None
+
+    def _complete(
+        self, suggestion: Suggestion, analysis: Analysis, builtins: dict[str, str],
+        parser: argparse.ArgumentParser | None,
+    ) -> Iterable[Completion]:
+        word = analysis.word
+        if isinstance(suggestion, BuiltinNames):
+            first = {**builtins, "contree": "run a contree command"}
+            return _names(word, first.items())
+        if isinstance(suggestion, HelpTopics):
+            topics = dict(builtins)
+            for name, help_ in _command_help(parser):
+                topics.setdefault(name, help_)
+            return _names(word, topics.items())
+        if isinstance(suggestion, CommandNames):
+            names = [n for n in suggestion.names
+                     if suggestion.path or n not in _HIDDEN_IN_SHELL]
+            helps = dict(_command_help(_descend(parser, suggestion.path)))
+            return _names(word, ((n, helps.get(n, "")) for n in names))
+        if isinstance(suggestion, FlagNames):
+            return _names(word, suggestion.flags)
+        if isinstance(suggestion, Choices):
+            return _values(word, ((v, "") for v in suggestion.values))
+        if isinstance(suggestion, Source):
+            return _values(word, self._source(suggestion.name))
+        if isinstance(suggestion, SandboxPath):
+            return self._paths(word, suggestion.dirs_only)
+        return ()
+
+    def _source(self, name: str) -> list[tuple[str, str]]:
+        if name == "branch":
+            return [(b, "branch") for b in self.sources.branches()]
+        if name == "session":
+            return [(s, "session") for s in self.sources.sessions()]
+        if name == "profile":
+            return [(p, "profile") for p in self.sources.profiles()]
+        if name == "image":
+            return self.sources.images()
+        return []
+
+    def _paths(self, word: Word, dirs_only: bool) -> Iterator[Completion]:
+        from contree_shell.cli.paths import resolve_path
+
+        value = word.value
+        if value.startswith("~"):
+            return  # the sandbox's $HOME is unknown here
+        cut = value.rfind("/") + 1
+        typed_dir, base = value[:cut], value[cut:]
+        directory = resolve_path(self._cwd(), typed_dir or None)
+        entries = self.sources.list_dir(self._image(), directory)
+        quoted = word.raw != word.value
+        for entry in sorted(entries, key=lambda e: e.name):
+            if dirs_only and not entry.is_dir:
+                continue
+            if not entry.name.startswith(base):
+                continue
+            if entry.name.startswith(".") and not base.startswith("."):
+                continue
+            suffix = "/" if entry.is_dir else ""
+            display = entry.name + suffix
+            if quoted:
+                # The typed word has quotes: replace all of it with a freshly quoted path.
+                text = shlex.quote(typed_dir + entry.name) + suffix
+                yield Completion(text, start_position=-len(word.raw), display=display)
+            else:
+                yield Completion(escape_word(entry.name) + suffix, start_position=-len(base),
+                                 display=display)
+
+
+def _names(word: Word, items: Iterable[tuple[str, str]]) -> Iterator[Completion]:
+    """Candidates that replace the whole word (command names, flags)."""
+    for name, meta in sorted(set(items)):
+        if name.startswith(word.value):
+            yield Completion(name, start_position=-len(word.raw), display_meta=meta or None)
+
+
+def _values(word: Word, items: Iterable[tuple[str, str]]) -> Iterator[Completion]:
+    """Candidates for a value; an inline `--flag=VALUE` replaces only the part after `=`."""
+    prefix, replace = word.value, len(word.raw)
+    if word.value.startswith("-") and "=" in word.value:
+        prefix = word.value.split("=", 1)[1]
+        replace = len(prefix)
+    seen: set[str] = set()
+    for value, meta in items:
+        if value in seen or not value.startswith(prefix):
+            continue
+        seen.add(value)
+        yield Completion(escape_word(value), start_position=-replace, display=value,
+                         display_meta=meta or None)
+
+
+def _descend(parser: argparse.ArgumentParser | None, path: tuple[str, ...]
+             ) -> argparse.ArgumentParser | None:
+    from contree_shell.shell.commands import find_command
+
+    if parser is None:
+        return None
+    return find_command(list(path), parser)
+
+
+def _command_help(parser: argparse.ArgumentParser | None) -> list[tuple[str, str]]:
+    """(subcommand, help) pairs of `parser`, aliases included."""
+    if parser is None:
+        return []
+    out: list[tuple[str, str]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                canonical = sub.prog.split()[-1]
+                out.append((name, helps.get(canonical, "")))
+    return out

@@ -1,0 +1,181 @@
+"""Named completion sources: where candidate values come from.
+
+Every source returns [] on any failure (no client, server down, bad data), so Tab never
+raises and never prints. Sandbox directory listings go through the persistent
+CompletionCache: fresh entries (< 30 s) are served as is; stale ones are served at once
+and refreshed on a background thread (stale-while-revalidate); only a miss waits for
+the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DIR_TTL", "IMAGE_TTL", "Entry", "Sources"]
+
+log = logging.getLogger(__name__)
+
+DIR_TTL = 30.0
+IMAGE_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry offered for completion."""
+
+    name: str
+    is_dir: bool
+
+
+def _entries_from_listing(body: Any) -> list[Entry]:
+    """`DirectoryList` JSON → entries (symlinks count as files: their target is unknown)."""
+    files = body.get("files") if isinstance(body, dict) else None
+    entries: list[Entry] = []
+    for item in files or []:
+        if not isinstance(item, dict):
+            continue
+        name = str(item.get("path") or item.get("name") or "").rstrip("/").rsplit("/", 1)[-1]
+        if name and name not in (".", ".."):
+            entries.append(Entry(name, bool(item.get("is_dir"))))
+    return entries
+
+
+class Sources:
+    """Completion data for one shell. `ctx` is the CLI Context (store, client, profile)."""
+
+    def __init__(self, ctx: Any, cache: Any = None) -> None:
+        self.ctx = ctx
+        self.cache = cache
+        self._refresh = ThreadPoolExecutor(max_workers=1, thread_name_prefix="completion")
+        self._inflight: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the background refresher (pending refreshes are dropped)."""
+        self._refresh.shutdown(wait=False, cancel_futures=True)
+
+    # -- local sources ------------------------------------------------------------------
+
+    def branches(self) -> list[str]:
+        """Branch names of this session."""
+        try:
+            return [name for name, _tip, _active in self.ctx.store.branches(self.ctx.session_key)]
+        except Exception:
+            log.debug("branch completion failed", exc_info=True)
+            return []
+
+    def sessions(self) -> list[str]:
+        """Session keys of this profile."""
+        try:
+            return [state.key for state in self.ctx.store.sessions()]
+        except Exception:
+            log.debug("session completion failed", exc_info=True)
+            return []
+
+    def profiles(self) -> list[str]:
+        """Configured profile names plus the built-in `local`."""
+        try:
+            from contree_shell.config import list_profiles
+
+            names = [p.name for p in list_profiles()[0]]
+        except Exception:
+            log.debug("profile completion failed", exc_info=True)
+            names = []
+        return names if "local" in names else [*names, "local"]
+
+    # -- remote sources -----------------------------------------------------------------
+
+    def _namespace(self, scope: str = "") -> str:
+        name = getattr(getattr(self.ctx, "profile", None), "name", "local")
+        return f"profile:{name}" + (f":{scope}" if scope else "")
+
+    def _cached(self, namespace: str, kind: str, ttl: float, fetch: Callable[[], Any]) -> Any:
+        """Stale-while-revalidate around `fetch`; None when nothing could be had."""
+        hit = None
+        if self.cache is not None:
+            try:
+                hit = self.cache.get(namespace, kind, ttl)
+            except Exception:
+                log.debug("cache read failed", exc_info=True)
+        if hit is not None:
+            value, fresh = hit
+            if not fresh:
+                self._revalidate(namespace, kind, fetch)
+            return value
+        value = fetch()
+        self._store(namespace, kind, value)
+        return value
+
+    def _store(self, namespace: str, kind: str, value: Any) -> None:
+        if self.cache is None:
+            return
+        try:
+            self.cache.put(namespace, kind, value)
+        except Exception:
+            log.debug("cache write failed", exc_info=True)
+
+    def _revalidate(self, namespace: str, kind: str, fetch: Callable[[], Any]) -> None:
+        key = (namespace, kind)
+        with self._lock:
+            if key in self._inflight:
+                return
+            self._inflight.add(key)
+
+        def work() -> None:
+            try:
+                self._store(namespace, kind, fetch())
+            except Exception:
+                log.debug("background refresh failed", exc_info=True)
+            finally:
+                with self._lock:
+                    self._inflight.discard(key)
+
+        try:
+            self._refresh.submit(work)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._inflight.discard(key)
+
+    def list_dir(self, image: str | None, path: str) -> list[Entry]:
+        """Entries of sandbox directory `path` in `image`."""
+        if not image:
+            return []
+        directory = path if path.endswith("/") else path + "/"
+
+        def fetch() -> list[list[Any]]:
+            body = self.ctx.client.list_dir(image, directory)
+            return [[e.name, e.is_dir] for e in _entries_from_listing(body)]
+
+        try:
+            rows = self._cached(self._namespace(image), f"ls:{directory}", DIR_TTL, fetch)
+            return [Entry(str(name), bool(is_dir)) for name, is_dir in rows or []]
+        except Exception:
+            log.debug("directory completion failed for %s", directory, exc_info=True)
+            return []
+
+    def images(self) -> list[tuple[str, str]]:
+        """(`tag:NAME` or uuid, meta) for the first page of images."""
+
+        def fetch() -> list[list[str]]:
+            rows = self.ctx.client.list_images(limit=100)
+            out: list[list[str]] = []
+            for row in rows:
+                uuid = str(row.get("uuid") or "")
+                tag = row.get("tag")
+                if tag:
+                    out.append([f"tag:{tag}", uuid[:8]])
+                elif uuid:
+                    out.append([uuid, "untagged"])
+            return out
+
+        try:
+            rows = self._cached(self._namespace(), "images", IMAGE_TTL, fetch)
+            return [(str(a), str(b)) for a, b in rows or []]
+        except Exception:
+            log.debug("image completion failed", exc_info=True)
+            return []

@@ -1,0 +1,202 @@
+"""The interactive loop of `contree shell` (and its non-interactive twin for scripts).
+
+read (PromptSession) → route (router.classify, pure) → run (dispatch.run_route) → refresh
+the prompt and toolbar. Only `exit`/`quit`/Ctrl-D leave; everything a command raises is
+one `[ERROR]` line (dispatch.py). While a command runs prompt_toolkit is not running,
+so Ctrl-C reaches the runner as KeyboardInterrupt (first: SIGINT to the remote command,
+second: cancel it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.auto_suggest import AutoSuggestFromHistory, ThreadedAutoSuggest
+from prompt_toolkit.completion import ThreadedCompleter
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import History, InMemoryHistory, ThreadedHistory
+from prompt_toolkit.lexers import PygmentsLexer
+
+from contree_shell import output
+from contree_shell.shell import builtins, commands
+from contree_shell.shell.completion.completer import ContreeCompleter
+from contree_shell.shell.completion.sources import Sources
+from contree_shell.shell.context import ShellContext
+from contree_shell.shell.dispatch import run_route
+from contree_shell.shell.keys import create_key_bindings
+from contree_shell.shell.lexer import ContreeShellLexer
+from contree_shell.shell.prompt import continuation, prompt_message
+from contree_shell.shell.router import Incomplete, ParseError, classify, split_commands
+from contree_shell.shell.status import ImageLabels, Snapshot, take_snapshot
+from contree_shell.shell.style import style_factory
+from contree_shell.shell.toolbar import toolbar_tokens
+
+__all__ = ["DEFAULT_IMAGE", "Repl", "main", "run_script"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE = "tag:debian:bookworm"
+BANNER = "contree shell: lines run in the sandbox; `help` for builtins, Ctrl-D to exit"
+
+
+def default_image() -> str:
+    """The image a new session starts from: `[cli] shell_image` in cli.ini, else Debian."""
+    try:
+        from contree_shell.config import cli_settings
+
+        configured = cli_settings().get("shell_image")
+    except Exception:
+        configured = None
+    return configured or DEFAULT_IMAGE
+
+
+def ensure_image(sh: ShellContext, image: str | None) -> int:
+    """`contree use REF` when asked to, or when the session has no image yet."""
+    if image is None and sh.image() is not None:
+        return 0
+    from contree_shell.cli.main import execute
+
+    ref = image or default_image()
+    status = int(execute(sh.ctx, ["use", ref]))
+    if status != 0:
+        output.warn(f"could not start from {ref}; use `contree use IMAGE` to pick one")
+    return status
+
+
+def _open_history(sh: ShellContext) -> Any:
+    """The session's persistent shell history, or None when the state DB is unusable."""
+    try:
+        from contree_shell.cli.context import session_db_path
+        from contree_shell.state.history import ShellHistory
+
+        return ShellHistory(session_db_path(sh.ctx.profile.name), sh.key)
+    except Exception as exc:
+        output.warn(f"shell history is not available: {exc}")
+        return None
+
+
+def _open_cache(sh: ShellContext) -> Any:
+    try:
+        from contree_shell.cli.context import session_db_path
+        from contree_shell.state.cache import CompletionCache
+
+        return CompletionCache(session_db_path(sh.ctx.profile.name))
+    except Exception:
+        log.debug("completion cache unavailable", exc_info=True)
+        return None
+
+
+class Repl:
+    """One interactive shell: the PromptSession and the loop around it."""
+
+    def __init__(self, sh: ShellContext, *, input: Any = None, output_: Any = None) -> None:
+        self.sh = sh
+        self.snapshot: Snapshot = take_snapshot(sh, ran=False)
+        self.labels = ImageLabels(lambda: sh.ctx.client)
+        self.sources = Sources(sh.ctx, _open_cache(sh))
+        history: History = InMemoryHistory()
+        if sh.history is not None:
+            from contree_shell.state.history import PromptHistory
+
+            history = ThreadedHistory(PromptHistory(sh.history))
+        completer = ContreeCompleter(
+            self.sources,
+            parser=commands.shell_parser,
+            builtins=builtins.help_map,
+            cwd=sh.cwd,
+            image=sh.image,
+        )
+        self.session: PromptSession[str] = PromptSession(
+            message=self._message,
+            bottom_toolbar=self._toolbar,
+            prompt_continuation=continuation,
+            history=history,
+            completer=ThreadedCompleter(completer),
+            complete_while_typing=False,
+            auto_suggest=ThreadedAutoSuggest(AutoSuggestFromHistory()),
+            lexer=PygmentsLexer(ContreeShellLexer),
+            style=style_factory(),
+            include_default_pygments_style=False,
+            key_bindings=create_key_bindings(),
+            enable_history_search=False,
+            input=input,
+            output=output_,
+        )
+        self.labels.on_change = self._redraw
+
+    def _redraw(self) -> None:
+        app = self.session.app
+        if app.is_running:
+            app.invalidate()
+
+    def _message(self) -> FormattedText:
+        return prompt_message(self.snapshot)
+
+    def _toolbar(self) -> FormattedText:
+        return toolbar_tokens(self.snapshot, self.labels.label(self.snapshot.image))
+
+    def read(self) -> str:
+        """One command as typed (continuation lines included). EOFError on Ctrl-D."""
+        return self.session.prompt()
+
+    def run(self) -> int:
+        """Loop until exit; return the last command's status."""
+        try:
+            while True:
+                try:
+                    text = self.read()
+                except KeyboardInterrupt:  # only if our Ctrl-C binding was bypassed
+                    continue
+                except EOFError:
+                    break
+                if not run_text(self.sh, text):
+                    break
+                if self.sh.history is not None:
+                    self.sh.history.session_key = self.sh.key  # `use -N` moved the shell
+                self.snapshot = take_snapshot(self.sh)
+        finally:
+            self.sources.close()
+        return self.sh.last.status
+
+
+def run_text(sh: ShellContext, text: str) -> bool:
+    """Run every command in `text` in order. False when one of them was `exit`."""
+    for command in split_commands(text):
+        try:
+            run_route(sh, classify(command))
+        except EOFError:
+            return False
+    return True
+
+
+def run_script(sh: ShellContext, stream: IO[str]) -> int:
+    """Non-interactive shell (`contree shell < script`): no prompts, run every command in
+    order, exit with the last one's status. The whole script is read first, so commands
+    never see the rest of it on their stdin."""
+    text = stream.read()
+    commands_ = split_commands(text)
+    if commands_ and isinstance(classify(commands_[-1]), Incomplete):
+        # An open quote at the end of the script: run the rest, then say why it stopped.
+        run_text(sh, "\n".join(commands_[:-1]))
+        run_route(sh, ParseError("Parse error: unterminated quote at end of input"))
+        return sh.last.status
+    run_text(sh, text)
+    return sh.last.status
+
+
+def main(ctx: Any, *, image: str | None = None, stdin: IO[str] | None = None) -> int:
+    """`contree shell`: start from `image` (or the session's, or the default), then loop."""
+    ctx.in_shell = True
+    sh = ShellContext(ctx)
+    stream = stdin if stdin is not None else sys.stdin
+    interactive = stream.isatty() and sys.stdout.isatty()
+    if interactive:
+        output.info(BANNER)
+    ensure_image(sh, image)
+    if not interactive:
+        return run_script(sh, stream)
+    sh.history = _open_history(sh)
+    return Repl(sh).run()
