@@ -85,3 +85,12 @@ def test_image_references() -> None:
     assert not is_uuid("busybox:latest")
     assert tag_of("tag:busybox:latest") == "busybox:latest"
     assert tag_of("debian:bookworm") == "debian:bookworm"
+
+
+def test_spawn_failures_map_to_shell_statuses() -> None:
+    from contree_shell.cli.run import spawn_failure_status
+
+    assert spawn_failure_status("spawn failed: exec nope: No such file or directory") == 127
+    assert spawn_failure_status("spawn failed: exec /etc/passwd: Permission denied") == 126
+    assert spawn_failure_status("server restarted") is None
+    assert spawn_failure_status(None) is None

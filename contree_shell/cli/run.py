@@ -211,11 +211,42 @@ def execute_payload(
         warn(f"Operation {outcome.op} timed out{after}")
         return EXIT_TIMEOUT, outcome
     if outcome.status != "SUCCESS":
-        detail = f": {outcome.error}" if outcome.error else ""
-        error(f"Operation {outcome.op} ended with status {outcome.status}{detail}")
+        spawn_code = spawn_failure_status(outcome.error)
+        shown = sink.live and _already_shown(outcome.error, outcome.stderr)
+        if not shown:
+            detail = f": {outcome.error}" if outcome.error else ""
+            error(f"Operation {outcome.op} ended with status {outcome.status}{detail}")
+        if spawn_code is not None:
+            return spawn_code, outcome
         code = outcome.exit_code
         return (code if isinstance(code, int) and code > 0 else 1), outcome
     return outcome.exit_status, outcome
+
+
+_SPAWN_PREFIX = "spawn failed: "
+
+
+def spawn_failure_status(error: str | None) -> int | None:
+    """The POSIX shell status for a command that could not be started, else None.
+
+    The sandbox reports `exec NAME: No such file or directory` when the program is
+    missing: a shell says 127 for that, and 126 when it exists but cannot be executed.
+    """
+    if not error or "exec " not in error:
+        return None
+    if "No such file or directory" in error or "not found" in error:
+        return 127
+    if "Permission denied" in error or "Exec format error" in error:
+        return 126
+    return None
+
+
+def _already_shown(error: str | None, stderr: bytes) -> bool:
+    """True when the sandbox's own message for a failure already reached stderr."""
+    if not error:
+        return False
+    message = error.removeprefix(_SPAWN_PREFIX).strip()
+    return bool(message) and message.encode() in stderr
 
 
 def record_run(
