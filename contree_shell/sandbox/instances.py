@@ -518,7 +518,7 @@ class InstanceManager:
                     run.sandbox.close_stdin()
             except (StdinClosed, BrokenPipeError, OSError) as exc:
                 run.stdin_open = False
-                if run.closed or run.sandbox.done:
+                if run.closed or run.sandbox.done():
                     raise RequestError(410, "the instance has finished") from exc
                 raise Conflict("stdin is closed") from exc
 
@@ -569,8 +569,12 @@ class InstanceManager:
         return dict(run.spec, result=result)
 
     def _worker(self, run: _Run) -> None:
+        from contree_shell.sandbox.runtime import SandboxError
+
         try:
             self._execute(run)
+        except (SandboxError, RequestError) as exc:
+            self._fail(run, f"spawn failed: {exc}", reason="spawn_failed")
         except Exception as exc:
             log.exception("run %s failed", run.op)
             self._fail(run, f"internal error: {exc}", reason="spawn_failed")

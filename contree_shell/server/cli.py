@@ -98,7 +98,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `server` and its subcommands; handlers are stored as `args.handler`."""
+    """Add `server` and its subcommands; each handler `(args) -> int` is `args.func`."""
     parser = subparsers.add_parser("server", help="run or manage the local Contree server")
     parser.add_argument("--home", help="server home directory (default: "
                                        "$CONTREE_SERVER_HOME or $XDG_DATA_HOME/contree/server)")
@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     def add(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.set_defaults(handler=handler, func=handler)
+        p.set_defaults(func=handler)
         return p
 
     run = add("run", cmd_run, "serve in the foreground")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command")
     register(subparsers)
     args = parser.parse_args(["server", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.handler(args))
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
