@@ -16,7 +16,7 @@ from contree_shell.client.api import ContreeClient
 from contree_shell.client.errors import NotFound, ServerStartError, Unprocessable
 from contree_shell.client.local import ensure_local_server, socket_answers
 from contree_shell.client.runner import RunOutcome, run_operation
-from contree_shell.client.stdin import PipeStdin
+from contree_shell.client.stdin import PipeStdin, TtyLineStdin
 from contree_shell.config import Profile
 
 
@@ -131,6 +131,27 @@ def test_stdin_written_while_the_command_runs_is_forwarded(client: ContreeClient
             os.close(state["writer"])
         os.close(read_fd)
     assert outcome.stdout == b"ready\n" + payload + b"done\n"
+    assert outcome.exit_code == 0
+
+
+def test_tty_lines_are_forwarded_and_the_run_does_not_wait_for_eof(
+    client: ContreeClient, live: Any
+) -> None:
+    master, slave = os.openpty()
+
+    def on_stdout(chunk: bytes) -> None:
+        if b"ready" in chunk:
+            os.write(master, b"typed\n")
+
+    try:
+        outcome = run_operation(
+            client, spawn_payload(live.busybox, "echo ready; read x; echo got:$x", disposable=True),
+            on_stdout=on_stdout, stdin=TtyLineStdin(slave),
+        )
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert outcome.stdout == b"ready\ngot:typed\n"
     assert outcome.exit_code == 0
 
 

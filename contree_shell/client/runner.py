@@ -14,7 +14,7 @@ from contree_shell.client.errors import ApiError, ContreeError, StreamError, one
 from contree_shell.client.stdin import CHUNK, EOF, NoStdin, StdinSource
 from contree_shell.client.streams import decode_stream, stdin_repr
 
-__all__ = ["RunOutcome", "outcome_from_operation", "run_operation"]
+__all__ = ["RunOutcome", "initial_stdin", "outcome_from_operation", "run_operation"]
 
 OutputCallback = Callable[[bytes], None]
 NoticeCallback = Callable[[str], None]
@@ -60,7 +60,7 @@ def _noop(_: Any) -> None:
     return None
 
 
-def _initial_stdin(source: StdinSource, wait: float) -> tuple[dict[str, Any], bool]:
+def initial_stdin(source: StdinSource, wait: float) -> tuple[dict[str, Any], bool]:
     """The spawn payload's `stdin` and whether more input must be forwarded later."""
     item = source.get(wait)
     if item is EOF:
@@ -280,7 +280,7 @@ def run_operation(
     if source is not None:
         source.start()
         try:
-            payload["stdin"], forward = _initial_stdin(source, INITIAL_STDIN_WAIT)
+            payload["stdin"], forward = initial_stdin(source, INITIAL_STDIN_WAIT)
         except BaseException:
             source.stop()
             raise
