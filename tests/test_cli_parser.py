@@ -63,7 +63,8 @@ def shell_parser() -> argparse.ArgumentParser:
         (["tag", "mine"], {"refs": ["mine"], "delete": False}),
         (["t", "tag:a", "b"], {"refs": ["tag:a", "b"]}),
         (["tag", "-U", "b"], {"refs": ["b"], "delete": True}),
-        (["shell"], {}),
+        (["shell"], {"image": None}),
+        (["shell", "tag:busybox:latest"], {"image": "tag:busybox:latest"}),
         (["sh"], {}),
     ],
 )

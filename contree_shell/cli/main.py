@@ -95,8 +95,12 @@ def _register_server(sub: Any) -> None:
 def _register_shell(sub: Any) -> None:
     p = sub.add_parser(
         "shell", aliases=["sh"], help="interactive shell: bare lines run in the sandbox",
-        description="Open the interactive shell on the current session.",
+        description=(
+            "Open the interactive shell on the current session. A session without an "
+            "image starts from IMAGE (default: debian:bookworm, imported on first use)."
+        ),
     )
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="switch the session to IMAGE first")
     p.set_defaults(handler=_cmd_shell)
 
 
@@ -106,7 +110,7 @@ def _cmd_shell(ctx: Context, args: argparse.Namespace) -> int:
     from contree_shell.shell.repl import main as repl_main
 
     ctx.in_shell = True
-    return int(repl_main(ctx) or 0)
+    return int(repl_main(ctx, image=args.image) or 0)
 
 
 def make_context(
