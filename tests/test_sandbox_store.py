@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+import sys
+import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +20,8 @@ from contree_shell.sandbox.store import (
     MAX_LAYERS,
     ImageNotFound,
     InvalidTag,
+    PathNotFound,
+    RunDir,
     Store,
     TagNotFound,
     TooManyLayers,
@@ -342,3 +347,69 @@ def test_store_reexports_the_path_errors_of_inspect() -> None:
     assert store.PathNotFound is inspect.PathNotFound
     assert store.NotADirectory is inspect.NotADirectory
     assert store.NotAFile is inspect.NotAFile
+
+
+def _run_in_overlay(store: Store, image: str, script: str) -> RunDir:
+    """A run as the engine does it: overlay of the image's layers over a fresh upper."""
+    run = store.new_run()
+    lowers = ":".join(str(p) for p in reversed(store.layer_paths(image)))  # top first
+    merged = run.path / "merged"
+    merged.mkdir()
+    opts = f"lowerdir={lowers},upperdir={run.upper},workdir={run.work}"
+    subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t overlay overlay -o {opts} {merged} && cd {merged} && {script}"],
+        check=True,
+    )  # fmt: skip
+    merged.rmdir()
+    return run
+
+
+def test_real_overlay_runs_chain_into_images(store: Store, base: str) -> None:
+    first = store.commit(base, _run_in_overlay(store, base, "echo hi > tmp/x && rm etc/passwd"),
+                         operation_uuid="op-a")  # fmt: skip
+    assert first.changed
+    view = store.view(first.image)
+    assert view.read("/tmp/x") == b"hi\n"
+    with pytest.raises(PathNotFound):
+        view.stat("/etc/passwd")
+    noop = store.commit(
+        first.image, _run_in_overlay(store, first.image, "cat tmp/x bin/app >/dev/null"),
+        operation_uuid="op-b",
+    )  # fmt: skip
+    assert (noop.image, noop.changed) == (first.image, False)
+    second = store.commit(
+        first.image, _run_in_overlay(store, first.image, "mkdir -p srv && echo v2 > bin/app"),
+        operation_uuid="op-c",
+    )  # fmt: skip
+    assert second.changed and len(store.get(second.image).layers) == 3
+    assert store.view(second.image).read("/bin/app") == b"v2\n"
+    assert store.view(first.image).read("/bin/app") == b"app v1\n"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv not installed")
+def test_force_rmtree_works_unprivileged_on_mode_000_dirs() -> None:
+    # pytest's tmp_path lives under a 0700 root dir the unprivileged user cannot enter.
+    tmp_path = Path(tempfile.mkdtemp(prefix="contree-rmtree-"))
+    run = tmp_path / "run"
+    (run / "work/work/x").mkdir(parents=True)
+    (run / "work/work/x/f").write_text("")
+    (run / "work/incompat/volatile").mkdir(parents=True)
+    subprocess.run(["chown", "-R", "65534:65534", str(tmp_path)], check=True)
+    for d in ("work/work", "work/incompat/volatile", "work/incompat"):
+        os.chmod(run / d, 0)
+    repo = Path(__file__).resolve().parent.parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(repo)!r}); from pathlib import Path; "
+        "from contree_shell.sandbox.store import force_rmtree; "
+        f"force_rmtree(Path({str(run)!r}))"
+    )
+    subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         sys.executable, "-c", code],
+        check=True,
+    )  # fmt: skip
+    try:
+        assert not run.exists()
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
