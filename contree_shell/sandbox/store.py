@@ -16,13 +16,13 @@ image references.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
 import sqlite3
-import stat
 import subprocess
 import threading
 import uuid as uuidlib
@@ -155,44 +155,27 @@ def normalize_config(config: dict[str, Any] | None) -> dict[str, Any]:
 
 def force_rmtree(path: Path) -> None:
     """Remove a tree even when it contains mode-000 directories (overlay leaves
-    ``work/work`` and ``work/incompat`` like that; root copes, an unprivileged user does
-    not)."""
+    ``work/work`` and ``work/incompat`` like that; root copes, an unprivileged owner
+    must first chmod them)."""
+    path = Path(path)
     if not os.path.lexists(path):
         return
-    if not path.is_dir() or path.is_symlink():
+    if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        del exc
-        parent = os.path.dirname(p)
-        for d in (parent, p):
-            try:
-                if stat.S_ISDIR(os.lstat(d).st_mode):
-                    os.chmod(d, 0o700)
-            except OSError:
-                pass
-        if func in (os.rmdir, os.unlink, os.remove):
-            try:
-                func(p)
-                return
-            except FileNotFoundError:
-                return
-            except IsADirectoryError:
-                shutil.rmtree(p, onerror=onerror)
-                return
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, onerror=onerror)
-
-    shutil.rmtree(path, onerror=onerror)
-    if os.path.lexists(path):
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                try:
-                    os.chmod(os.path.join(dirpath, d), 0o700)
-                except OSError:
-                    pass
+    try:
         shutil.rmtree(path)
+        return
+    except PermissionError:
+        pass
+    # Top-down walk: each directory is made accessible before os.walk descends into it.
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(dirpath, d), 0o700)
+    shutil.rmtree(path)
 
 
 def tree_size(path: Path) -> int:
