@@ -632,3 +632,23 @@ def test_auto_session_key_matches_the_official_rule(
     assert derive_session_key("other", None) != f"myproj+{digest}"
     monkeypatch.chdir("/")
     assert derive_session_key("prof", None) == f"session+{digest}"
+
+
+def test_corrupt_db_is_a_one_line_state_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StateError, match="Cannot open state DB .*move it aside"):
+        SessionStore(path)
+
+
+def test_lock_timeout_is_a_one_line_state_error(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTREE_DB_TIMEOUT", "0.2")
+    store = SessionStore(db)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StateError, match=r"locked by another contree process \(waited 0.2s\)"):
+            store.append(KEY, kind="use", image="i", title="i")
+    finally:
+        holder.execute("ROLLBACK")
+    assert store.append(KEY, kind="use", image="i", title="i").id == 1

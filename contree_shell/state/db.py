@@ -137,6 +137,31 @@ def connect(path: Path | str, *, timeout: float | None = None) -> sqlite3.Connec
             fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
             fresh = True
+    try:
+        return _open(path, wait, fresh)
+    except sqlite3.OperationalError as exc:
+        if _is_busy(exc):
+            raise _busy(wait) from exc
+        raise StateError(f"Cannot open state DB {path}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise StateError(
+            f"Cannot open state DB {path}: {exc} (move it aside to start afresh)"
+        ) from exc
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _busy(wait: float) -> StateError:
+    return StateError(
+        f"State DB is locked by another contree process (waited {wait:g}s); "
+        "try again or raise CONTREE_DB_TIMEOUT"
+    )
+
+
+def _open(path: Path, wait: float, fresh: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=wait, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
@@ -204,7 +229,13 @@ def transaction(
 ) -> Iterator[sqlite3.Connection]:
     """Run a block in one transaction; ``immediate`` takes the write lock up front
     so a read-then-write block cannot be overtaken by another writer."""
-    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    except sqlite3.OperationalError as exc:
+        if _is_busy(exc):
+            wait = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+            raise _busy(wait) from exc
+        raise
     try:
         yield conn
     except BaseException:
