@@ -637,7 +637,7 @@ def test_auto_session_key_matches_the_official_rule(
 def test_corrupt_db_is_a_one_line_state_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.db"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StateError, match="Cannot open state DB .*move it aside"):
+    with pytest.raises(StateError, match=r"Cannot open state DB .*move it aside"):
         SessionStore(path)
 
 
