@@ -19,9 +19,6 @@ __all__ = ["RunOutcome", "initial_stdin", "outcome_from_operation", "run_operati
 OutputCallback = Callable[[bytes], None]
 NoticeCallback = Callable[[str], None]
 
-# How long to wait for the first stdin chunk before spawning (a pipe that already has
-# data gives it at once; a silent one must not delay the command).
-INITIAL_STDIN_WAIT = 0.05
 # After a cancel, how long to wait for the operation to finish before giving up.
 DRAIN_TIMEOUT = 5.0
 
@@ -280,7 +277,7 @@ def run_operation(
     if source is not None:
         source.start()
         try:
-            payload["stdin"], forward = initial_stdin(source, INITIAL_STDIN_WAIT)
+            payload["stdin"], forward = initial_stdin(source, source.initial_wait)
         except BaseException:
             source.stop()
             raise

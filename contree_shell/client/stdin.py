@@ -31,6 +31,9 @@ EOF = _Eof()
 class StdinSource:
     """Base source: `start()`, then `get(timeout)` chunks until EOF; `stop()` always."""
 
+    # How long the runner waits for a first chunk to put into the spawn request.
+    initial_wait: float = 0.05
+
     def start(self) -> None:
         """Begin reading (idempotent)."""
 
@@ -131,6 +134,10 @@ class TtyLineStdin(PipeStdin):
     pressed and Ctrl-D at the start of a line reads as EOF. `stop()` ends reading when
     the run is over; whatever was typed but not yet entered stays in the terminal.
     """
+
+    # Nobody types ahead of a command: spawning at once keeps interactive runs snappy
+    # (anything already entered is still picked up without waiting).
+    initial_wait = 0.0
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd, chunk_size=4096)
