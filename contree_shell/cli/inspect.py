@@ -73,15 +73,44 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
     try:
         if not ctx.structured:
             text = ctx.client.list_dir_text(image, path)
-            if text and not text.endswith("\n"):
-                text += "\n"
-            write_stdout(text.encode())
+            write_stdout(_with_newline(text).encode())
             return 0
-        listing = ctx.client.list_dir(image, path)
-    except (NotFound, Unprocessable) as exc:
+        items = list(ctx.client.list_dir(image, path).get("files") or [])
+    except NotFound as exc:
         raise _not_found("ls", path, exc) from None
-    emit_rows([file_row(item) for item in listing.get("files") or []], ctx.output_format)
+    except Unprocessable as exc:
+        # Not a directory: show the entry itself, as `ls FILE` does.
+        entry = _single_entry(ctx, image, path)
+        if entry is None:
+            raise _not_found("ls", path, exc) from None
+        if not ctx.structured:
+            write_stdout(_with_newline(entry[0]).encode())
+            return 0
+        items = [entry[1]]
+    emit_rows([file_row(item) for item in items], ctx.output_format)
     return 0
+
+
+def _with_newline(text: str) -> str:
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def _single_entry(ctx: Context, image: str, path: str) -> tuple[str, dict[str, Any]] | None:
+    """(text line, item) of the non-directory `path`, read from its parent's listing."""
+    parent, _, name = path.rpartition("/")
+    parent = parent or "/"
+    try:
+        items = ctx.client.list_dir(image, parent).get("files") or []
+        item = next((i for i in items if i.get("path") == name), None)
+        if item is None:
+            return None
+        lines = ctx.client.list_dir_text(image, parent).splitlines()
+    except Exception:  # best effort: the caller reports the original error
+        return None
+    line = next(
+        (ln for ln in lines if ln.endswith(" " + name) or f" {name} -> " in ln), name
+    )
+    return line, item
 
 
 def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
