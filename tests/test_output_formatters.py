@@ -466,3 +466,11 @@ def test_page_if_needed_respects_disable_and_non_tty(tmp_path: Path) -> None:
     o, out, _ = make_output(stdout_tty=True, size=(80, 10), env={"PAGER": "/nonexistent/pager"})
     o.page_if_needed(long_text)
     assert out.getvalue() == long_text.encode()  # falls back to writing
+
+
+def test_text_only_streams_receive_decoded_text() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    o = Output(out, err, env={})
+    o.line("日本")
+    o.error("x")
+    assert out.getvalue() == "日本\n" and err.getvalue() == "[ERROR] x\n"

@@ -47,8 +47,19 @@ class StdoutClosed(SystemExit):
         super().__init__(EXIT_BROKEN_PIPE)
 
 
-def _binary(stream: IO[Any]) -> IO[bytes]:
-    return getattr(stream, "buffer", stream)
+def _write(stream: IO[Any], data: bytes) -> None:
+    """Write bytes to a binary stream, or decoded to a text-only one (StringIO,
+    prompt_toolkit's StdoutProxy under patch_stdout)."""
+    binary = getattr(stream, "buffer", None)
+    if binary is not None:
+        binary.write(data)
+        binary.flush()
+        return
+    try:
+        stream.write(data)
+    except TypeError:
+        stream.write(data.decode(getattr(stream, "encoding", None) or "utf-8", "replace"))
+    stream.flush()
 
 
 def _isatty(stream: IO[Any]) -> bool:
@@ -121,9 +132,7 @@ class Output:
         """Write bytes to stdout and flush. A closed pipe raises StdoutClosed."""
         stream = self.stdout
         try:
-            out = _binary(stream)
-            out.write(data)
-            out.flush()
+            _write(stream, data)
         except BrokenPipeError:
             self._silence_stdout(stream)
             raise StdoutClosed() from None
@@ -131,9 +140,7 @@ class Output:
     def write_stderr(self, data: bytes) -> None:
         """Write bytes to stderr and flush; a closed stderr is ignored."""
         try:
-            err = _binary(self.stderr)
-            err.write(data)
-            err.flush()
+            _write(self.stderr, data)
         except (BrokenPipeError, ValueError):
             pass
 
