@@ -177,7 +177,7 @@ class ContreeClient:
             )
             try:
                 response = self._http.send(request, stream=stream)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 not_sent = isinstance(exc, _NOT_SENT)
                 delay = policy.delay(attempt) if (not_sent or replayable) else None
                 if delay is None:
@@ -190,7 +190,7 @@ class ContreeClient:
                 return response
             try:
                 raw = response.read()
-            except httpx.TransportError:
+            except httpx.RequestError:
                 raw = b""
             finally:
                 response.close()
@@ -208,7 +208,7 @@ class ContreeClient:
             raise error
 
     def _connection_failed(
-        self, exc: httpx.TransportError, attempts: int, *, sent: bool
+        self, exc: httpx.RequestError, attempts: int, *, sent: bool
     ) -> ConnectionFailed:
         reason = one_line(exc) or type(exc).__name__
         where = "the local server" if self.profile.is_local else "the server"
@@ -356,7 +356,7 @@ class ContreeClient:
         response = self._send("GET", path, params=params, stream=True)
         try:
             yield from response.iter_bytes(chunk_size)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._connection_failed(exc, 1, sent=True) from exc
         finally:
             response.close()
@@ -542,7 +542,7 @@ class ContreeClient:
                 if not RetryPolicy.status_retryable(exc.status, replayable=True) and exc.status != 410:
                     raise
                 reason, retry_after = exc.message, exc.retry_after
-            except (ConnectionFailed, _StreamBroken, httpx.TransportError) as exc:
+            except (ConnectionFailed, _StreamBroken, httpx.RequestError) as exc:
                 reason = one_line(getattr(exc, "message", None) or exc) or type(exc).__name__
             else:
                 if not follow:

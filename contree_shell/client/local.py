@@ -61,8 +61,8 @@ def ensure_local_server(profile: Profile, *, timeout: float = START_TIMEOUT) -> 
     No-op for remote profiles. Raises ServerStartError with the reason the server
     printed (one line) when it cannot be started within `timeout` seconds.
     """
-    if not profile.is_local:
-        return
+    if not profile.is_local or not profile.url.startswith("unix://"):
+        return  # remote, or `local` pointed elsewhere with --url: nothing to start
     sock = socket_path(profile)
     if socket_answers(sock):
         return
