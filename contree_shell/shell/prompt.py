@@ -34,4 +34,5 @@ def continuation(width: int, line_number: int, wrap_count: int) -> FormattedText
     """`> ` for each continued line (blank for soft wraps of a long line)."""
     if wrap_count:
         return FormattedText([("", " " * width)])
-    return FormattedText([("class:continuation", CONTINUATION.rjust(width))])
+    # Flush left like sh's PS2: what the user sees is exactly `> `.
+    return FormattedText([("class:continuation", CONTINUATION)])
