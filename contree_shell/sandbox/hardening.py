@@ -64,8 +64,11 @@ DEV_LINKS = ((b"fd", b"/proc/self/fd"), (b"stdin", b"/proc/self/fd/0"),
              (b"ptmx", b"pts/ptmx"))  # fmt: skip
 
 _MNT_PROC = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
-                  signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)  # fmt: skip
+# Dispositions restored to the default in the children (Python ignores SIGPIPE/SIGXFSZ,
+# and a server installs handlers for the others).
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
+                 signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
+                 signal.SIGUSR2, signal.SIGALRM)  # fmt: skip
 
 
 class UnsafeMountPoint(OSError):
@@ -160,7 +163,7 @@ def apply(h: Hardening) -> None:
     sc.capset_prepared(h.cap_header, h.cap_data)
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     sc.seccomp_set_filter(h.seccomp)
-    sc.reset_signals(_RESET_SIGNALS)
+    sc.reset_signals(RESET_SIGNALS)
 
 
 def check_plain(rel: bytes) -> bool:

@@ -256,6 +256,9 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int]) -> None:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != plan.parent_pid:
             os._exit(1)  # the server died before PDEATHSIG was armed
+        # Drop the server's signal handlers (and mask): a Python-level handler would run
+        # server code here; pid 1 and the command inherit the defaults.
+        sc.reset_signals(hardening.RESET_SIGNALS)
         os.dup2(fds[0], 0)
         os.dup2(fds[1], 1)
         os.dup2(fds[2], 2)
@@ -325,10 +328,18 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
         os.makedirs(plan.cwd, 0o755, exist_ok=True)
         os.chdir(plan.cwd)
         stage = b"fork"
+        # The command waits on ``go`` until the server has been told its pid, so a
+        # signal() issued as soon as its first output arrives finds it.
+        go_r, go_w = os.pipe()
         cmd = os.fork()
         if cmd == 0:
+            os.close(go_w)
+            os.read(go_r, 1)
+            os.close(go_r)
             _command(plan)
+        os.close(go_r)
         _report(b"S %d\n" % cmd)
+        os.close(go_w)
         for fd in (0, 1, 2):
             os.close(fd)
         stage = b"wait"
@@ -585,7 +596,9 @@ class Sandbox:
                 wait_for: float | None = None
                 if deadline is not None and not self._timed_out:
                     wait_for = max(0.0, deadline - time.monotonic())
-                events = sel.select(wait_for)
+                # Status lines first: a pid announced in the same round as output must be
+                # known before on_output runs (it may call signal()).
+                events = sorted(sel.select(wait_for), key=lambda ev: ev[0].data != "status")
                 if deadline is not None and not self._timed_out and time.monotonic() >= deadline:
                     with self._lock:
                         self._timed_out = True

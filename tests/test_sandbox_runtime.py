@@ -1,0 +1,358 @@
+"""The sandbox runtime, run for real as root over a busybox image (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from contree_shell.sandbox.bootstrap import build_busybox_rootfs
+from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox, StdinClosed
+
+pytestmark = pytest.mark.root
+
+ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"}
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox engine tests run as root")
+    if not Path("/bin/busybox").exists():
+        pytest.skip("busybox-static is not installed")
+    root = tmp_path_factory.mktemp("image") / "rootfs"
+    build_busybox_rootfs(root)
+    return root
+
+
+@dataclass
+class Run:
+    """One sandbox run: its dirs, collected output and the sandbox itself."""
+
+    upper: Path
+    work: Path
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    sandbox: Sandbox | None = None
+    on_chunk: Callable[[str, bytes], None] | None = None
+
+    def collect(self, stream: str, chunk: bytes) -> None:
+        (self.stdout if stream == "stdout" else self.stderr).extend(chunk)
+        if self.on_chunk is not None:
+            self.on_chunk(stream, chunk)
+
+    def wait(self) -> ExitInfo:
+        assert self.sandbox is not None
+        info = self.sandbox.wait(120)
+        assert info is not None, "sandbox did not finish"
+        return info
+
+    def upper_entries(self) -> list[str]:
+        return sorted(str(p.relative_to(self.upper)) for p in self.upper.rglob("*"))
+
+
+@pytest.fixture
+def runner(busybox_image: Path, tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    runs: list[Run] = []
+
+    def start(argv: list[str] | str, *, lowers: list[Path] | None = None,
+              on_chunk: Callable[[str, bytes], None] | None = None, **spec: object) -> Run:  # fmt: skip
+        n = len(runs)
+        run = Run(upper=tmp_path / f"run{n}" / "upper", work=tmp_path / f"run{n}" / "work",
+                  on_chunk=on_chunk)  # fmt: skip
+        run.upper.mkdir(parents=True)
+        run.work.mkdir()
+        if isinstance(argv, str):
+            argv = ["sh", "-c", argv]
+        spec.setdefault("env", dict(ENV))
+        run.sandbox = Sandbox.start(lowers=lowers or [busybox_image], upper=run.upper,
+                                    work=run.work, spec=RunSpec(argv=argv, **spec),  # type: ignore[arg-type]
+                                    on_output=run.collect)  # fmt: skip
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.sandbox is not None and not run.sandbox.done():
+            run.sandbox.kill()
+            run.sandbox.wait(30)
+
+
+def host_processes_with(command: str) -> list[str]:
+    """Host processes whose argv is exactly ``command`` split on spaces."""
+    wanted = command.encode().split(b" ")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        if argv == wanted:
+            found.append(entry)
+    return found
+
+
+def poll_until(predicate: Callable[[], bool], tries: int = 200) -> bool:
+    """For other processes' state, which offers nothing to wait on: bounded polling."""
+    for _ in range(tries):
+        if predicate():
+            return True
+        threading.Event().wait(0.05)
+    return predicate()
+
+
+def test_stdout_and_stderr_are_separate_streams(runner: Callable[..., Run]) -> None:
+    run = runner("echo to-out; echo to-err >&2; echo more-out")
+    info = run.wait()
+    assert info.exit_code == 0 and info.error is None and not info.timed_out
+    assert bytes(run.stdout) == b"to-out\nmore-out\n"
+    assert bytes(run.stderr) == b"to-err\n"
+
+
+def test_output_reaches_callback_before_the_command_exits(runner: Callable[..., Run]) -> None:
+    seen = threading.Event()
+    run = runner("echo first; read line; echo got $line", stdin_open=True,
+                 on_chunk=lambda stream, chunk: seen.set())  # fmt: skip
+    assert seen.wait(30)
+    assert run.sandbox is not None and not run.sandbox.done()
+    assert bytes(run.stdout) == b"first\n"
+    run.sandbox.write_stdin(b"it\n")
+    run.sandbox.close_stdin()
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"first\ngot it\n"
+
+
+def test_exit_code_of_the_main_process_is_returned(runner: Callable[..., Run]) -> None:
+    info = runner("exit 42").wait()
+    assert info.exit_code == 42 and info.signal is None and info.error is None
+    assert info.pid > 1
+    assert set(info.rusage) >= {"user_time_us", "sys_time_us", "max_rss_kb", "minor_faults"}
+
+
+def test_process_killed_by_signal_reports_signal_not_exit_code(runner: Callable[..., Run]) -> None:
+    info = runner("kill -SEGV $$").wait()
+    assert info.exit_code is None and info.signal == signal.SIGSEGV
+
+
+def test_missing_binary_gives_127_and_exec_error(runner: Callable[..., Run]) -> None:
+    info = runner(["no-such-binary", "x"]).wait()
+    assert info.exit_code == 127
+    assert info.error == "exec no-such-binary: No such file or directory"
+
+
+def test_env_is_exactly_the_given_one_and_path_resolves_argv0(runner: Callable[..., Run]) -> None:
+    run = runner(["env"], env={"PATH": "/bin", "FOO": "bar baz"})
+    assert run.wait().exit_code == 0
+    assert sorted(bytes(run.stdout).decode().splitlines()) == ["FOO=bar baz", "PATH=/bin"]
+
+
+def test_cwd_is_created_and_used(runner: Callable[..., Run]) -> None:
+    run = runner("pwd; ls -ld . | cut -c1-10", cwd="/srv/app/deep")
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"/srv/app/deep\ndrwxr-xr-x\n"
+    assert "srv/app/deep" in run.upper_entries()
+
+
+def test_uid_and_gid_are_applied(runner: Callable[..., Run]) -> None:
+    run = runner("id -u; id -g; id -G; grep CapEff /proc/self/status", uid=1000, gid=1001)
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout).decode().split("\n")[:4] == ["1000", "1001", "1001",
+                                                          "CapEff:\t0000000000000000"]  # fmt: skip
+
+
+def test_hostname_is_set_in_uts_and_etc(runner: Callable[..., Run]) -> None:
+    run = runner("hostname; cat /etc/hostname; grep -c box-7 /etc/hosts", hostname="box-7")
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"box-7\nbox-7\n1\n"
+    assert run.upper_entries() == []
+
+
+def test_stdin_is_at_eof_unless_opened(runner: Callable[..., Run]) -> None:
+    run = runner("cat; echo done")
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"done\n"
+    assert run.sandbox is not None
+    with pytest.raises(StdinClosed):
+        run.sandbox.write_stdin(b"late")
+
+
+def test_five_megabytes_of_stdin_arrive_intact(runner: Callable[..., Run]) -> None:
+    data = os.urandom(5 * 1024 * 1024)
+    run = runner("sha256sum; wc -c < /dev/null", stdin_open=True)
+    assert run.sandbox is not None
+    for i in range(0, len(data), 300_000):
+        run.sandbox.write_stdin(data[i:i + 300_000])
+    run.sandbox.close_stdin()
+    with pytest.raises(StdinClosed):
+        run.sandbox.write_stdin(b"after close")
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout).split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_twenty_five_megabytes_of_stdout_stream_out(runner: Callable[..., Run]) -> None:
+    run = runner("head -c 26214400 /dev/zero; echo tail >&2")
+    assert run.wait().exit_code == 0
+    assert len(run.stdout) == 26214400 and set(bytes(run.stdout)) == {0}
+    assert bytes(run.stderr) == b"tail\n"
+
+
+def test_timeout_kills_every_process_of_the_sandbox(runner: Callable[..., Run]) -> None:
+    run = runner("sleep 1007 & sleep 1007 & (setsid sleep 1007 &); wait", timeout=1.0)
+    info = run.wait()
+    assert info.timed_out and info.exit_code is None and info.signal == signal.SIGKILL
+    assert info.duration < 30  # not a timing check: it must not have waited for sleep
+    assert host_processes_with("sleep 1007") == []
+
+
+def test_background_processes_die_with_the_main_process(runner: Callable[..., Run]) -> None:
+    run = runner("sleep 1008 & (setsid sleep 1008 &); (trap '' TERM HUP; sleep 1008) & echo ok")
+    info = run.wait()
+    assert info.exit_code == 0 and bytes(run.stdout) == b"ok\n"
+    assert host_processes_with("sleep 1008") == []
+
+
+def test_signal_reaches_the_running_command(runner: Callable[..., Run]) -> None:
+    ready = threading.Event()
+    run = runner("echo ready; exec sleep 1009", on_chunk=lambda s, c: ready.set())
+    assert ready.wait(30)
+    assert run.sandbox is not None
+    run.sandbox.signal(signal.SIGINT)
+    info = run.wait()
+    assert info.signal == signal.SIGINT and info.exit_code is None and not info.timed_out
+    assert host_processes_with("sleep 1009") == []
+
+
+def test_kill_ends_the_run_at_once(runner: Callable[..., Run]) -> None:
+    ready = threading.Event()
+    run = runner("echo ready; trap '' INT TERM; sleep 1010", on_chunk=lambda s, c: ready.set())
+    assert ready.wait(30)
+    assert run.sandbox is not None
+    run.sandbox.kill()
+    info = run.wait()
+    assert info.signal == signal.SIGKILL and info.exit_code is None
+    assert host_processes_with("sleep 1010") == []
+
+
+def test_true_leaves_upper_empty(runner: Callable[..., Run]) -> None:
+    run = runner(["true"])
+    assert run.wait().exit_code == 0
+    assert run.upper_entries() == []
+
+
+def test_image_without_mount_points_still_leaves_upper_empty(
+        runner: Callable[..., Run], busybox_image: Path, tmp_path: Path) -> None:  # fmt: skip
+    bare = tmp_path / "bare"
+    shutil.copytree(busybox_image, bare, symlinks=True)
+    for name in ("proc", "sys", "dev", "tmp"):
+        os.rmdir(bare / name)
+    for name in ("hostname", "hosts", "resolv.conf"):
+        os.unlink(bare / "etc" / name)
+    run = runner("ls /proc/self/ > /dev/null && cat /etc/hostname", lowers=[bare])
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"linuxkit\n"
+    assert run.upper_entries() == []
+
+
+def test_writes_land_in_upper_and_layers_stay_untouched(
+        runner: Callable[..., Run], busybox_image: Path) -> None:  # fmt: skip
+    before = (busybox_image / "etc/passwd").read_bytes()
+    run = runner("echo hi > /root/note; echo extra >> /etc/passwd; rm /bin/vi")
+    assert run.wait().exit_code == 0
+    assert (run.upper / "root/note").read_bytes() == b"hi\n"
+    assert (run.upper / "etc/passwd").read_bytes() == before + b"extra\n"
+    assert (busybox_image / "etc/passwd").read_bytes() == before
+    assert os.path.lexists(busybox_image / "bin/vi")
+    assert (run.upper / "bin/vi").lstat().st_rdev == 0  # a whiteout
+
+
+def test_several_layers_stack_top_first(runner: Callable[..., Run], busybox_image: Path,
+                                        tmp_path: Path) -> None:  # fmt: skip
+    mid, top = tmp_path / "mid", tmp_path / "top"
+    (mid / "srv").mkdir(parents=True)
+    (top / "srv").mkdir(parents=True)
+    (mid / "srv/a").write_text("mid\n")
+    (mid / "srv/b").write_text("mid\n")
+    (top / "srv/a").write_text("top\n")
+    run = runner("cat /srv/a /srv/b", lowers=[busybox_image, mid, top])
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"top\nmid\n"
+
+
+def test_runs_leave_no_mounts_on_the_host(runner: Callable[..., Run]) -> None:
+    before = Path("/proc/self/mountinfo").read_text()
+    for cmd in ("true", "exit 3", "sleep 100"):
+        runner(cmd, timeout=0.5).wait()
+    runner(["missing-binary"]).wait()
+    assert Path("/proc/self/mountinfo").read_text() == before
+
+
+def test_network_off_means_loopback_only(runner: Callable[..., Run]) -> None:
+    run = runner("ls /sys/class/net; cat /proc/net/route | wc -l; "
+                 "nc -w 2 127.0.0.1 9 < /dev/null; echo nc=$?")  # fmt: skip
+    assert run.wait().exit_code == 0
+    lines = bytes(run.stdout).decode().split()
+    assert lines == ["lo", "1", "nc=1"]
+    assert b"refused" in bytes(run.stderr).lower()
+
+
+def test_concurrent_runs_from_many_threads(runner: Callable[..., Run]) -> None:
+    lock = threading.Lock()
+    runs: list[tuple[int, Run]] = []
+
+    def worker(i: int) -> None:
+        for j in range(3):
+            with lock:
+                run = runner(f"echo {i}-{j}; exit {i}", stdin_open=True)
+                runs.append((i, run))
+            assert run.sandbox is not None
+            run.sandbox.close_stdin()
+            run.wait()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(runs) == 12
+    for i, run in runs:
+        info = run.wait()
+        assert info.exit_code == i
+        assert bytes(run.stdout).startswith(f"{i}-".encode())
+
+
+def test_killed_server_leaves_no_sandbox_process(busybox_image: Path, tmp_path: Path) -> None:
+    script = f"""
+import sys
+from pathlib import Path
+from contree_shell.sandbox.runtime import RunSpec, Sandbox
+up, wk = Path({str(tmp_path)!r}) / "u", Path({str(tmp_path)!r}) / "w"
+up.mkdir(); wk.mkdir()
+def out(stream, chunk):
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+sb = Sandbox.start(lowers=[Path({str(busybox_image)!r})], upper=up, work=wk,
+                   spec=RunSpec(argv=["sh", "-c", "sleep 1011 & echo x; sleep 1011"],
+                                env={ENV!r}), on_output=out)
+sb.wait()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        # The shell has forked, the sleeps may still be exec'ing: no event to wait on.
+        assert poll_until(lambda: len(host_processes_with("sleep 1011")) == 2)
+    finally:
+        proc.kill()
+        proc.wait()
+    # PDEATHSIG is delivered asynchronously: poll the process list for a bounded while.
+    assert poll_until(lambda: host_processes_with("sleep 1011") == [])
