@@ -242,3 +242,31 @@ def test_session_show_and_images(server: LocalServer, session_env: dict[str, str
     assert "busybox:latest" in out(listed)
     shown = contree(server, session_env, "session", "show")
     assert shown.returncode == 0 and "use" in out(shown)
+
+
+def test_use_of_a_missing_known_base_image_imports_it_with_progress(server: LocalServer) -> None:
+    env = server.session_env()
+    # The fixture tagged `busybox:latest`; the bare tag `busybox` is missing, and the local
+    # server knows how to build it.
+    result = contree(server, env, "use", "busybox")
+    assert result.returncode == 0, err(result)
+    assert "importing it from busybox:" in err(result)
+    assert "Imported busybox" in err(result)
+    image = session_json(server, env)["current_image"]
+    assert isinstance(image, str) and image
+    # Second use: already there, no import.
+    again = contree(server, env, "use", "busybox")
+    assert again.returncode == 0 and "importing" not in err(again)
+    assert session_json(server, env)["current_image"] == image
+
+
+def test_detached_run_returns_at_once_on_a_side_branch(
+    server: LocalServer, session_env: dict[str, str]
+) -> None:
+    before = session_json(server, session_env)
+    result = contree(server, session_env, "-o", "json", "run", "-d", "--", "sleep", "1")
+    assert result.returncode == 0, err(result)
+    op = json.loads(result.stdout)["uuid"]
+    after = session_json(server, session_env)
+    assert after["active_branch"] == "main" and after["current_image"] == before["current_image"]
+    assert f"detached-{op}" in out(contree(server, session_env, "session", "branch"))
