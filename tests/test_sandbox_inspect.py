@@ -292,3 +292,17 @@ def test_format_ls_of_empty_dir() -> None:
 def test_format_ls_accepts_entries_alone(layers: list[Path]) -> None:
     _, entries = ImageView(layers).listdir("/etc")
     assert format_ls(entries) == format_ls("/etc", entries)
+
+
+def test_walk_visits_merged_dirs_depth_first_without_following_links(
+    layers: list[Path],
+) -> None:
+    view = ImageView(layers)
+    walked = {path: [e.name for e in entries] for path, entries in view.walk("/")}
+    assert list(walked)[:3] == ["/", "/etc", "/opt"]
+    assert walked["/usr/share/doc"] == ["NEW"]  # opaque
+    assert walked["/opt/data"] == ["keep", "top"]  # whiteout applied
+    assert "/bin" not in walked and "/usr/share/doc/a" not in walked
+    assert [p for p, _ in view.walk("/bin")] == ["/usr/bin"]
+    with pytest.raises(NotADirectory):
+        next(view.walk("/etc/passwd"))

@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -280,6 +280,24 @@ class ImageView:
             seen |= hidden
         out.sort(key=lambda e: e.name)
         return out
+
+    def walk(self, path: str = "/") -> Iterator[tuple[str, list[EntryStat]]]:
+        """Depth-first, name-ordered ``(dir path, entries)`` for ``path`` and every
+        directory below it. Symlinks below the start are reported, never followed."""
+        names, hit = self._resolve(path, True)
+        if not stat.S_ISDIR(hit.st.st_mode):
+            raise NotADirectory(f"{'/' + '/'.join(names)}: Not a directory")
+        todo: list[tuple[str, tuple[str, ...]]] = [("/" + "/".join(names), hit.stack)]
+        while todo:
+            dir_path, stack = todo.pop()
+            entries = self.entries(stack)
+            yield dir_path, entries
+            prefix = dir_path.rstrip("/") + "/"
+            for e in reversed(entries):
+                if e.is_dir:
+                    sub = lookup(stack, e.name)
+                    if sub is not None:
+                        todo.append((prefix + e.name, sub.stack))
 
     def open(self, path: str) -> BinaryIO:
         """Open a regular file for reading (symlinks followed inside the image)."""
