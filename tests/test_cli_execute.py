@@ -150,3 +150,27 @@ def test_local_state_round_trip_without_a_server(
 def test_module_exports_the_shell_api() -> None:
     for name in ("build_parser", "execute", "main", "make_context", "Context", "CliHelp", "CliUsageError"):
         assert hasattr(cli_main, name)
+
+
+def test_unstartable_server_is_one_line_with_the_reason(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTREE_", "XDG_"))}
+    env.update(
+        CONTREE_HOME=str(tmp_path / "config"),
+        CONTREE_SERVER_HOME=str(blocker / "server"),  # cannot be created
+        CONTREE_SESSION="unit-unstartable",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "contree_shell", "use", "busybox"],
+        env=env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert err.startswith("[ERROR] ") and err.count("\n") == 1, err
+    assert "server" in err and "Traceback" not in err
