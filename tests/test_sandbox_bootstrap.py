@@ -20,6 +20,7 @@ from contree_shell.sandbox.bootstrap import (
     host_mirror,
     mirror_from_deb822,
     mirror_from_sources_list,
+    unescape_mount_point,
 )
 
 DEB822 = """\
@@ -174,3 +175,7 @@ def test_debootstrap_cancel_stops_it(tmp_path: Path) -> None:
             tmp_path / "r", "bookworm", lambda _: None,
             mirror="http://127.0.0.1:9/debian", cancel=cancel,
         )  # fmt: skip
+
+
+def test_mountinfo_escapes_are_decoded() -> None:
+    assert unescape_mount_point(r"/srv/a\040b\011c\134d") == "/srv/a b\tc\\d"

@@ -306,3 +306,14 @@ def test_walk_visits_merged_dirs_depth_first_without_following_links(
     assert [p for p, _ in view.walk("/bin")] == ["/usr/bin"]
     with pytest.raises(NotADirectory):
         next(view.walk("/etc/passwd"))
+
+
+def test_device_nodes_report_their_number_and_are_not_files(tmp_path: Path) -> None:
+    layer = tmp_path / "l"
+    (layer / "dev").mkdir(parents=True)
+    os.mknod(layer / "dev/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    view = ImageView([layer])
+    null = view.stat("/dev/null")
+    assert stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
+    with pytest.raises(NotAFile):
+        view.read("/dev/null")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -210,6 +211,11 @@ def choose_mirror(env: dict[str, str] | None = None, apt_dir: Path = HOST_APT_DI
 # ------------------------------------------------------------------------- debootstrap
 
 
+def unescape_mount_point(field: str) -> str:
+    """Decode /proc/self/mountinfo's octal escapes (``\\040`` for a space, ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _unmount_below(dest: Path) -> None:
     """Lazily unmount anything left mounted under ``dest`` (debootstrap mounts proc/sys)."""
     prefix = str(dest.resolve()) + "/"
@@ -221,7 +227,7 @@ def _unmount_below(dest: Path) -> None:
     for line in lines:
         fields = line.split()
         if len(fields) > 4:
-            point = fields[4].encode().decode("unicode_escape")
+            point = unescape_mount_point(fields[4])
             if point.startswith(prefix):
                 points.append(point)
     for point in sorted(points, key=len, reverse=True):
@@ -248,6 +254,7 @@ def debootstrap_rootfs(
         raise BootstrapError("debootstrap is not installed on the server host")
     if not suite or not all(c.isalnum() or c in "-_." for c in suite):
         raise BootstrapError(f"invalid Debian suite name: {suite!r}")
+    dest = Path(dest).absolute()
     mirror = mirror or choose_mirror()
     argv = [exe, "--variant=minbase", suite, str(dest)]
     if mirror:

@@ -54,6 +54,7 @@ class EntryStat:
     mtime: int
     nlink: int
     symlink_to: str = ""
+    rdev: int = 0  # device number of char/block devices
     # Where the entry physically lives; internal, never shown to users.
     host_path: str = field(default="", repr=False, compare=False)
 
@@ -168,6 +169,7 @@ def _entry(name: str, hit: Hit) -> EntryStat:
         mtime=int(st.st_mtime),
         nlink=st.st_nlink,
         symlink_to=target,
+        rdev=st.st_rdev,
         host_path=hit.host_path,
     )
 
