@@ -20,10 +20,12 @@ _CHUNK = 1 << 16
 
 @dataclass
 class PruneStats:
-    """How many upper entries were removed and how many remain (recursively)."""
+    """How many upper entries were removed and how many remain (recursively), and the
+    bytes the remaining non-directories hold."""
 
     removed: int = 0
     kept: int = 0
+    kept_bytes: int = 0
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
@@ -159,6 +161,7 @@ def _prune_dir(
         else:
             kept += 1
             stats.kept += 1
+            stats.kept_bytes += st.st_size
     return kept == 0
 
 

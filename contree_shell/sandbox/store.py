@@ -178,23 +178,6 @@ def force_rmtree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def tree_size(path: Path) -> int:
-    """Apparent bytes stored in a tree: sizes of everything that is not a directory."""
-    total = 0
-    stack = [os.fspath(path)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for de in it:
-                if de.is_dir(follow_symlinks=False):
-                    stack.append(de.path)
-                else:
-                    try:
-                        total += de.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        pass
-    return total
-
-
 def _ensure_mount_points(rootfs: Path) -> None:
     """Create the paths the runtime mounts over, so a no-op run never copies them up."""
     for name, mode in (("proc", 0o555), ("dev", 0o755), ("sys", 0o555), ("tmp", 0o1777),
@@ -430,7 +413,7 @@ class Store:
         rec = self.get(parent)
         new_config = rec.config if config is None else normalize_config(config)
         try:
-            snapshot.prune(
+            pruned = snapshot.prune(
                 run.upper,
                 ImageView([self.layers_dir / lid for lid in rec.layers]),
                 keep_mtime_only=keep_mtime_only,
@@ -447,7 +430,7 @@ class Store:
                     f"image {parent} already has {len(rec.layers)} layers; overlayfs mounts "
                     f"at most {MAX_LAYERS} (squashing deep chains is not implemented yet)"
                 )
-            size = tree_size(run.upper)
+            size = pruned.kept_bytes
             with self._lock:
                 lid = self._new_layer_id()
                 os.chmod(run.upper, 0o755)
