@@ -193,12 +193,15 @@ def execute_payload(
     from contree_shell.output import emit_rows, error, warn
 
     sink = _Sink(live=not ctx.structured)
+    # The run belongs to the branch it started on, even if another terminal checks out
+    # a different branch of this session while it runs.
+    branch = ctx.require_state().branch
     outcome = run_operation(
         ctx.client, payload,
         on_stdout=sink.stdout, on_stderr=sink.stderr, on_notice=sink.notice, stdin=stdin,
     )
     record_run(ctx, outcome, title=title, disposable=bool(payload.get("disposable")),
-               source_image=str(payload["image"]))
+               source_image=str(payload["image"]), branch=branch)
     if ctx.structured:
         emit_rows([outcome_row(outcome)], ctx.output_format)
     if sink.broken:
@@ -250,7 +253,8 @@ def _already_shown(error: str | None, stderr: bytes) -> bool:
 
 
 def record_run(
-    ctx: Context, outcome: Any, *, title: str, disposable: bool, source_image: str
+    ctx: Context, outcome: Any, *, title: str, disposable: bool, source_image: str,
+    branch: str | None = None,
 ) -> bool:
     """Append the `run` node when the policy says so; True when the active branch moved.
 
@@ -269,7 +273,7 @@ def record_run(
         return False
     ctx.store.append(
         ctx.session_key, kind="run", image=outcome.result_image, title=title,
-        operation_uuid=outcome.op,
+        operation_uuid=outcome.op, branch=branch,
     )
     return True
 
