@@ -317,3 +317,9 @@ def test_device_nodes_report_their_number_and_are_not_files(tmp_path: Path) -> N
     assert stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
     with pytest.raises(NotAFile):
         view.read("/dev/null")
+
+
+def test_trailing_slash_follows_a_final_symlink(layers: list[Path]) -> None:
+    view = ImageView(layers)
+    assert view.stat("/bin", follow=False).is_symlink
+    assert view.stat("/bin/", follow=False).is_dir

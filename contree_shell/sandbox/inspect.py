@@ -197,6 +197,8 @@ class ImageView:
         Returns the canonical components and the final hit. Symlinks in the middle are
         always followed, the last one only when ``follow``.
         """
+        if path.endswith("/"):
+            follow = True  # POSIX: a trailing slash resolves a final symlink
         root_st = os.lstat(self._root[0])
         root = Hit(root_st, self._root[0], self._root)
         names: list[str] = []
