@@ -270,3 +270,32 @@ def test_detached_run_returns_at_once_on_a_side_branch(
     after = session_json(server, session_env)
     assert after["active_branch"] == "main" and after["current_image"] == before["current_image"]
     assert f"detached-{op}" in out(contree(server, session_env, "session", "branch"))
+
+
+def test_cat_refuses_binary_content_on_a_terminal(
+    server: LocalServer, session_env: dict[str, str]
+) -> None:
+    import os
+    import pty
+    import sys
+
+    made = contree(server, session_env, "run", "-s", "printf 'a\\000\\377b' > /blob")
+    assert made.returncode == 0, err(made)
+    # Redirected: the bytes go through untouched.
+    assert contree(server, session_env, "cat", "/blob").stdout == b"a\x00\xffb"
+    # On a terminal: refused with the official message.
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "contree_shell", "cat", "/blob"],
+            env=session_env, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+            timeout=60, cwd=str(server.config),
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert result.returncode == 1
+    assert result.stderr == (
+        b"[ERROR] Binary content - refusing to write to terminal. "
+        b"Use shell redirection or `contree cp`.\n"
+    )
