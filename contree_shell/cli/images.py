@@ -46,7 +46,7 @@ def resolve_image(ctx: Context, ref: str, *, import_missing: bool = False) -> st
     With `import_missing`, a missing tag that is a known base image is imported first on
     the `local` profile, with the import's progress shown on stderr.
     """
-    from contree_shell.client.errors import NotFound
+    from contree_shell.client.errors import BadRequest, NotFound
 
     ref = ref.strip()
     if not ref:
@@ -63,6 +63,8 @@ def resolve_image(ctx: Context, ref: str, *, import_missing: bool = False) -> st
         return client.resolve_image(f"tag:{tag}")
     except NotFound:
         pass
+    except BadRequest as exc:
+        raise CliError(f"Invalid image reference '{ref}': {exc.error}") from None
     url = KNOWN_BASE_IMAGES.get(tag)
     if import_missing and url is not None and ctx.profile.type == "local":
         import_base_image(ctx, url, tag)
