@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from contree_shell.sandbox import runtime
 from contree_shell.sandbox.bootstrap import build_busybox_rootfs
 from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox, StdinClosed
 
@@ -134,7 +135,10 @@ def test_output_reaches_callback_before_the_command_exits(runner: Callable[..., 
 
 
 def test_exit_code_of_the_main_process_is_returned(runner: Callable[..., Run]) -> None:
-    info = runner("exit 42").wait()
+    run = runner("exit 42")
+    assert run.sandbox is not None and run.sandbox.started and run.sandbox.pid == 2
+    info = run.wait()
+    assert run.sandbox.done()
     assert info.exit_code == 42 and info.signal is None and info.error is None
     assert info.pid > 1
     assert set(info.rusage) >= {"user_time_us", "sys_time_us", "max_rss_kb", "minor_faults"}
@@ -287,6 +291,28 @@ def test_several_layers_stack_top_first(runner: Callable[..., Run], busybox_imag
     run = runner("cat /srv/a /srv/b", lowers=[busybox_image, mid, top])
     assert run.wait().exit_code == 0
     assert bytes(run.stdout) == b"top\nmid\n"
+
+
+def test_legacy_mount_fallback_stacks_layers_the_same(
+        runner: Callable[..., Run], busybox_image: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(runtime, "USE_NEW_MOUNT_API", False)
+    layers = [busybox_image]
+    for i in range(3):
+        layer = tmp_path / f"layer{i}"
+        layer.mkdir()
+        (layer / "f").write_text(f"{i}\n")
+        layers.append(layer)
+    run = runner("cat /f; touch /g", lowers=layers)
+    assert run.wait().exit_code == 0
+    assert bytes(run.stdout) == b"2\n"
+    assert run.upper_entries() == ["g"]
+
+
+def test_setup_failure_is_reported_as_error(runner: Callable[..., Run], tmp_path: Path) -> None:
+    info = runner(["true"], lowers=[tmp_path / "no-such-layer"]).wait()
+    assert info.exit_code is None
+    assert info.error == "sandbox setup failed at mount-overlay: No such file or directory"
 
 
 def test_runs_leave_no_mounts_on_the_host(runner: Callable[..., Run]) -> None:

@@ -28,6 +28,7 @@ Children report to the server on a status pipe (fd 3 in the children), one line 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -35,6 +36,7 @@ import logging
 import os
 import resource  # noqa: F401  # os.wait4 imports it lazily; a child after pivot_root cannot
 import selectors
+import shutil
 import signal
 import threading
 import time
@@ -148,6 +150,7 @@ def _scaffold() -> Path:
         for f in _SCAFFOLD_FILES:
             (path / f).touch(mode=0o644)
         _scaffold_path = path
+        atexit.register(shutil.rmtree, path, True)
         return path
 
 
@@ -221,11 +224,15 @@ def _report(line: bytes) -> None:
         os.write(_STATUS_FD, line)
 
 
+# Tests turn this off to exercise the legacy mount(2) path on kernels that have both.
+USE_NEW_MOUNT_API = True
+
+
 def _mount_overlay(plan: _Plan) -> None:
-    try:
-        fs = sc.fsopen(b"overlay")
-    except OSError:
-        fs = -1
+    fs = -1
+    if USE_NEW_MOUNT_API:
+        with contextlib.suppress(OSError):
+            fs = sc.fsopen(b"overlay")
     if fs >= 0:
         try:
             for layer in plan.lowers:
@@ -426,6 +433,7 @@ class Sandbox:
         self._stdin_closed = False
         self._forked = threading.Event()
         self._done = threading.Event()
+        self._spawned = threading.Event()
         self._spawn_error: BaseException | None = None
         self._info: ExitInfo | None = None
         self._intermediate = 0
@@ -460,9 +468,16 @@ class Sandbox:
             sb._thread.join()
             sb._close_wake()
             raise SandboxError(f"cannot start sandbox: {sb._spawn_error}") from sb._spawn_error
+        # Return once the command is forked (or setup failed), so ``pid`` is known.
+        sb._spawned.wait()
         return sb
 
     # ------------------------------------------------------------------ public controls
+
+    @property
+    def pid(self) -> int:
+        """pid of the main process inside the sandbox (0 if it never started)."""
+        return self._ns_pid
 
     @property
     def started(self) -> bool:
@@ -516,15 +531,21 @@ class Sandbox:
     # ------------------------------------------------------------------------ internals
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"!")
+        with self._lock:  # the fd number must not be reused under us once closed
+            if self._wake_w >= 0:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(self._wake_w, b"!")
 
     def _close_wake(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
+        with self._lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
 
     def _kill_locked(self) -> None:
+        if self._intermediate_reaped:
+            return
         self._killed = True
         if self._pid1_fd >= 0:
             with contextlib.suppress(OSError):
@@ -558,6 +579,7 @@ class Sandbox:
         try:
             self._loop(stdin_w, out_r, err_r, st_r)
         finally:
+            self._spawned.set()
             self._finish()
 
     def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
@@ -671,6 +693,7 @@ class Sandbox:
         elif kind == b"S":
             with self._lock:
                 self._ns_pid = int(parts[1])
+            self._spawned.set()
         elif kind == b"E":
             if self._error is None:
                 self._error = (parts[1].decode(errors="replace"), int(parts[2]))
