@@ -1,10 +1,10 @@
 """`contree run` and `run_line` (the shell's bare lines): one command in the sandbox, live.
 
 Session policy (documented in `run --help`): a run that reaches SUCCESS appends exactly
-one `run` node to the active branch, whatever the command's exit code, so a failing
-build still records what it wrote and `contree session rollback` undoes exactly that
-run. A run that failed, was cancelled or timed out leaves the session untouched, as does
-a disposable or detached run.
+one `run` node to the branch it started on, whatever the command's exit code, so a
+failing build still records what it wrote and `contree session rollback` undoes exactly
+that run. A run that failed, was cancelled or timed out leaves the session untouched; a
+disposable or detached run only gets a side branch (`disposable-<op>`, `detached-<op>`).
 """
 
 from __future__ import annotations
