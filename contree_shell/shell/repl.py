@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory, ThreadedAutoSuggest
 from prompt_toolkit.completion import ThreadedCompleter
+from prompt_toolkit.filters import to_filter
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import History, InMemoryHistory, ThreadedHistory
+from prompt_toolkit.layout.controls import BufferControl
 from prompt_toolkit.lexers import PygmentsLexer
 
 from contree_shell import output
@@ -30,27 +33,16 @@ from contree_shell.shell.keys import create_key_bindings
 from contree_shell.shell.lexer import ContreeShellLexer
 from contree_shell.shell.prompt import continuation, prompt_message
 from contree_shell.shell.router import Incomplete, ParseError, classify, split_commands
+from contree_shell.shell.settings import ShellSettings, load_settings
 from contree_shell.shell.status import ImageLabels, Snapshot, take_snapshot
 from contree_shell.shell.style import style_factory
 from contree_shell.shell.toolbar import toolbar_tokens
 
-__all__ = ["DEFAULT_IMAGE", "Repl", "main", "run_script"]
+__all__ = ["Repl", "main", "run_script"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE = "tag:debian:bookworm"
 BANNER = "contree shell: lines run in the sandbox; `help` for builtins, Ctrl-D to exit"
-
-
-def default_image() -> str:
-    """The image a new session starts from: `[cli] shell_image` in cli.ini, else Debian."""
-    try:
-        from contree_shell.config import cli_settings
-
-        configured = cli_settings().get("shell_image")
-    except Exception:
-        configured = None
-    return configured or DEFAULT_IMAGE
 
 
 def ensure_image(sh: ShellContext, image: str | None) -> int:
@@ -59,7 +51,7 @@ def ensure_image(sh: ShellContext, image: str | None) -> int:
         return 0
     from contree_shell.cli.main import execute
 
-    ref = image or default_image()
+    ref = image or load_settings().image
     status = int(execute(sh.ctx, ["use", ref]))
     if status != 0:
         output.warn(f"could not start from {ref}; use `contree use IMAGE` to pick one")
@@ -89,11 +81,50 @@ def _open_cache(sh: ShellContext) -> Any:
         return None
 
 
+def _toolbar_under_the_input(session: PromptSession[str]) -> None:
+    """Keep the toolbar right under the command line instead of at the screen bottom.
+
+    prompt_toolkit lets the input window grow over every row below the cursor, which
+    pins the toolbar to the last row with blank rows above it. Not extending the input
+    (it still grows with its own lines and keeps room for the completion menu) makes the
+    screen read top to bottom: output, prompt, toolbar, so the transcript a person (or a
+    terminal test) reads is never interleaved with padding.
+    """
+    for window in session.layout.find_all_windows():
+        control = window.content
+        if isinstance(control, BufferControl) and control.buffer is session.default_buffer:
+            window.dont_extend_height = to_filter(True)
+
+
+class _ShellSession(PromptSession[str]):
+    """A PromptSession whose bottom toolbar can hide itself.
+
+    prompt_toolkit shows the toolbar whenever `bottom_toolbar` is not None, checked at
+    every render, so answering None from a property hides it without rebuilding.
+    """
+
+    def __init__(self, *, toolbar_visible: Callable[[], bool], **kwargs: Any) -> None:
+        self._toolbar_visible = toolbar_visible
+        self._toolbar_source: Any = None
+        super().__init__(**kwargs)
+
+    @property  # type: ignore[override]
+    def bottom_toolbar(self) -> Any:
+        if self._toolbar_source is None or not self._toolbar_visible():
+            return None
+        return self._toolbar_source
+
+    @bottom_toolbar.setter
+    def bottom_toolbar(self, value: Any) -> None:
+        self._toolbar_source = value
+
+
 class Repl:
     """One interactive shell: the PromptSession and the loop around it."""
 
-    def __init__(self, sh: ShellContext, *, input: Any = None, output_: Any = None) -> None:
+    def __init__(self, sh: ShellContext, *, settings: ShellSettings | None = None) -> None:
         self.sh = sh
+        self.settings = settings or load_settings()
         self.snapshot: Snapshot = take_snapshot(sh, ran=False)
         self.labels = ImageLabels(lambda: sh.ctx.client)
         self.sources = Sources(sh.ctx, _open_cache(sh))
@@ -109,7 +140,8 @@ class Repl:
             cwd=sh.cwd,
             image=sh.image,
         )
-        self.session: PromptSession[str] = PromptSession(
+        self.session = _ShellSession(
+            toolbar_visible=self._toolbar_visible,
             message=self._message,
             bottom_toolbar=self._toolbar,
             prompt_continuation=continuation,
@@ -122,10 +154,9 @@ class Repl:
             include_default_pygments_style=False,
             key_bindings=create_key_bindings(),
             enable_history_search=False,
-            input=input,
-            output=output_,
         )
         self.labels.on_change = self._redraw
+        _toolbar_under_the_input(self.session)
 
     def _redraw(self) -> None:
         app = self.session.app
@@ -134,6 +165,13 @@ class Repl:
 
     def _message(self) -> FormattedText:
         return prompt_message(self.snapshot)
+
+    def _toolbar_visible(self) -> bool:
+        mode = self.settings.toolbar
+        if mode == "typing":
+            buffer = self.session.default_buffer
+            return bool(buffer.text) or buffer.complete_state is not None
+        return mode == "always"
 
     def _toolbar(self) -> FormattedText:
         return toolbar_tokens(self.snapshot, self.labels.label(self.snapshot.image))
