@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -330,6 +331,57 @@ def test_network_off_means_loopback_only(runner: Callable[..., Run]) -> None:
     lines = bytes(run.stdout).decode().split()
     assert lines == ["lo", "1", "nc=1"]
     assert b"refused" in bytes(run.stderr).lower()
+
+
+needs_pasta = pytest.mark.skipif(not runtime.NETWORK_SUPPORTED, reason="pasta is not installed")
+
+
+@needs_pasta
+def test_network_on_has_an_interface_route_and_dns_forwarder(runner: Callable[..., Run]) -> None:
+    run = runner("ls /sys/class/net | grep -vx lo | wc -l; ip -4 route | grep -c '^default';"
+                 " cat /etc/resolv.conf", network=True)  # fmt: skip
+    info = run.wait()
+    assert info.exit_code == 0 and info.error is None
+    assert bytes(run.stdout).decode().split("\n") == ["1", "1", f"nameserver {runtime.PASTA_DNS}", ""]
+    assert run.upper_entries() == []
+
+
+@needs_pasta
+def test_network_on_does_not_reach_host_loopback_services(runner: Callable[..., Run]) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    try:
+        run = runner(f"gw=$(ip -4 route | awk '/^default/ {{print $3}}'); "
+                     f"nc -w 2 $gw {port} < /dev/null; echo gw=$?; "
+                     f"nc -w 2 127.0.0.1 {port} < /dev/null; echo lo=$?", network=True)  # fmt: skip
+        assert run.wait().exit_code == 0
+        assert bytes(run.stdout).split() == [b"gw=1", b"lo=1"]
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def pasta_pids() -> set[str]:
+    pids = set()
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and Path(f"/proc/{p}/comm").read_text().startswith("pasta"):
+                pids.add(p)
+        except OSError:
+            continue
+    return pids
+
+
+@needs_pasta
+def test_network_helper_does_not_outlive_the_run(runner: Callable[..., Run]) -> None:
+    before = pasta_pids()
+    assert runner("true", network=True).wait().exit_code == 0
+    # pasta notices the namespace is gone on its own; other tests' pastas may come and go.
+    assert poll_until(lambda: not (pasta_pids() - before))
 
 
 def test_concurrent_runs_from_many_threads(runner: Callable[..., Run]) -> None:

@@ -38,6 +38,7 @@ import resource  # noqa: F401  # os.wait4 imports it lazily; a child after pivot
 import selectors
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import deque
@@ -61,6 +62,13 @@ _NS_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIP
              | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)  # fmt: skip
 _READ_CHUNK = 65536
 _STATUS_FD = 3
+_NETGO_FD = 4  # network runs: the intermediate waits here until pasta is attached
+# Network on: pasta (user-mode NAT, from the passt package) attaches a tap device to the
+# sandbox's own network namespace; DNS goes to a link-local address pasta forwards to the
+# host's resolver (so a loopback resolver on the host works too).
+PASTA = shutil.which("pasta")
+NETWORK_SUPPORTED = PASTA is not None
+PASTA_DNS = "169.254.1.1"
 _EXEC_STAGE = b"exec"
 # Mount points the runtime covers. A scaffold layer at the bottom of every overlay
 # provides them, so an image that lacks one still needs no write into upper.
@@ -120,6 +128,7 @@ class _Plan:
     legacy_data: bytes
     hostname: bytes
     etc_files: list[tuple[bytes, bytes]]  # (target, content)
+    network: bool
     cwd: str
     argv: list[str]
     env: dict[str, str]
@@ -173,8 +182,8 @@ def _validate(spec: RunSpec) -> None:
         raise SandboxError("hostname must be 1..64 bytes")
     if spec.uid < 0 or spec.gid < 0:
         raise SandboxError("uid and gid must be >= 0")
-    if spec.network:
-        raise SandboxError("network=True is not supported by this engine yet")
+    if spec.network and not NETWORK_SUPPORTED:
+        raise SandboxError("network=True needs pasta (Debian package passt)")
 
 
 def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
@@ -205,7 +214,9 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
         legacy_data=legacy,
         hostname=hostname,
         etc_files=[(b"etc/hostname", hostname + b"\n"), (b"etc/hosts", _hosts(spec.hostname)),
-                   (b"etc/resolv.conf", b"")],
+                   (b"etc/resolv.conf",
+                    f"nameserver {PASTA_DNS}\n".encode() if spec.network else b"")],
+        network=spec.network,
         cwd=spec.cwd,
         argv=list(spec.argv),
         env=dict(spec.env),
@@ -255,7 +266,7 @@ def _mount_overlay(plan: _Plan) -> None:
     sc.mount(b"overlay", plan.target, b"overlay", 0, plan.legacy_data)
 
 
-def _intermediate(plan: _Plan, fds: tuple[int, int, int, int]) -> None:
+def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> None:
     """First child: namespaces and the overlay; never returns."""
     code = 1
     stage = b"setup"
@@ -270,11 +281,19 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int]) -> None:
         os.dup2(fds[1], 1)
         os.dup2(fds[2], 2)
         os.dup2(fds[3], _STATUS_FD, inheritable=False)
+        if netgo >= 0:
+            os.dup2(netgo, _NETGO_FD, inheritable=False)
         # Drop every other descriptor of the server, including other sandboxes' pipes,
         # which would otherwise delay their EOF until this run ends.
-        os.closerange(_STATUS_FD + 1, 1 << 20)
+        os.closerange(_NETGO_FD + 1 if netgo >= 0 else _STATUS_FD + 1, 1 << 20)
         stage = b"unshare"
         sc.unshare(plan.unshare_flags)
+        if netgo >= 0:
+            stage = b"network"
+            _report(b"N\n")
+            if os.read(_NETGO_FD, 1) != b"1":
+                os._exit(1)  # the server reported why
+            os.close(_NETGO_FD)
         stage = b"mount-private"
         sc.mount(None, b"/", None, sc.MS_REC | sc.MS_PRIVATE)
         stage = b"mount-overlay"
@@ -385,8 +404,8 @@ def _command(plan: _Plan) -> None:
 
 
 def _high_fd(fd: int) -> int:
-    """Move ``fd`` above 3 so the children's dup2 onto 0..3 cannot clobber it."""
-    if fd > _STATUS_FD:
+    """Move ``fd`` above 4 so the children's dup2 onto 0..4 cannot clobber it."""
+    if fd > _NETGO_FD:
         return fd
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
@@ -561,26 +580,74 @@ class Sandbox:
         err_r, err_w = _pipe()
         st_r, st_w = _pipe()
         child_ends = (stdin_r, out_w, err_w, st_w)
+        go_r, self._netgo_w = _pipe() if self._plan.network else (-1, -1)
         try:
             self._t0 = time.monotonic()
             pid = os.fork()
         except BaseException as e:
             for fd in (*child_ends, stdin_w, out_r, err_r, st_r):
                 os.close(fd)
+            self._close_netgo(b"")
+            if go_r >= 0:
+                os.close(go_r)
             self._spawn_error = e
             self._forked.set()
             return
         if pid == 0:
-            _intermediate(self._plan, child_ends)
+            _intermediate(self._plan, child_ends, go_r)
         for fd in child_ends:
             os.close(fd)
+        if go_r >= 0:
+            os.close(go_r)
         self._intermediate = pid
         self._forked.set()
         try:
             self._loop(stdin_w, out_r, err_r, st_r)
         finally:
+            self._close_netgo(b"")
             self._spawned.set()
             self._finish()
+
+    def _close_netgo(self, answer: bytes) -> None:
+        if self._netgo_w >= 0:
+            with contextlib.suppress(OSError):
+                if answer:
+                    os.write(self._netgo_w, answer)
+            os.close(self._netgo_w)
+            self._netgo_w = -1
+
+    def _attach_network(self) -> None:
+        """Attach pasta to the intermediate's fresh network namespace, then let it go on.
+
+        pasta drops privileges before joining a namespace, so it gets the namespace as an
+        inherited fd (its own /proc/self/fd entry is always openable). It daemonizes once
+        the interface is configured, and exits by itself when the namespace is gone.
+        """
+        assert PASTA is not None
+        ns_fd = -1
+        answer = b"0"
+        try:
+            ns_fd = os.open(f"/proc/{self._intermediate}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            proc = subprocess.run(
+                [PASTA, "--config-net", "--quiet", "--runas", "0", "--netns",
+                 f"/proc/self/fd/{ns_fd}", "--dns-forward", PASTA_DNS,
+                 # Outbound NAT only: no port forwarding in either direction (pasta's
+                 # default "auto" would publish sandbox ports on the host and let the
+                 # sandbox reach the host's loopback services), no gateway → host mapping.
+                 "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"],
+                pass_fds=[ns_fd], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                check=False)  # fmt: skip
+            if proc.returncode == 0:
+                answer = b"1"
+            else:
+                detail = proc.stderr.decode(errors="replace").strip().splitlines()
+                self._net_error = detail[-1] if detail else f"pasta exited {proc.returncode}"
+        except (OSError, subprocess.SubprocessError) as e:
+            self._net_error = str(e)
+        finally:
+            if ns_fd >= 0:
+                os.close(ns_fd)
+        self._close_netgo(answer)
 
     def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
         sel = selectors.DefaultSelector()
@@ -690,6 +757,8 @@ class Sandbox:
                 if self._killed and fd >= 0:
                     with contextlib.suppress(OSError):
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
+        elif kind == b"N":
+            self._attach_network()
         elif kind == b"S":
             with self._lock:
                 self._ns_pid = int(parts[1])
@@ -702,6 +771,8 @@ class Sandbox:
             self._rusage = dict(zip(RUSAGE_KEYS, (int(p) for p in parts[2:]), strict=False))
 
     _error: tuple[str, int] | None = None
+    _net_error: str | None = None
+    _netgo_w = -1
     _status: int | None = None
     _rusage: dict[str, int] | None = None
 
@@ -756,6 +827,8 @@ class Sandbox:
                     exit_code = 127 if err == errno.ENOENT else 126
             else:
                 error = f"sandbox setup failed at {stage}: {reason}"
+        elif self._net_error is not None:
+            error = f"network setup failed: {self._net_error}"
         elif self._status is None and not self._killed and not self._timed_out:
             error = "sandbox exited without a status"
         return ExitInfo(exit_code=exit_code, signal=sig, timed_out=self._timed_out,
