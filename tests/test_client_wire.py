@@ -121,3 +121,27 @@ def test_api_error_messages_are_one_line() -> None:
     validation = api_error(400, b'{"error": [{"loc": ["body", "cwd"], "msg": "bad path"}]}')
     assert validation.message == "HTTP 400: body.cwd: bad path"
     assert ContreeError("two\nlines").message == "two lines"
+
+
+def _modules_after(code: str) -> set[str]:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return set(out.split())
+
+
+def test_client_never_imports_the_server_or_the_engine() -> None:
+    loaded = _modules_after(
+        "import contree_shell.client.api, contree_shell.client.runner, "
+        "contree_shell.client.local, contree_shell.client.stdin"
+    )
+    assert not {m for m in loaded if m.startswith(("contree_shell.server", "contree_shell.sandbox"))}
+
+
+def test_error_classes_load_without_httpx() -> None:
+    loaded = _modules_after("import contree_shell.client.errors, contree_shell.config")
+    assert "httpx" not in loaded
