@@ -127,3 +127,8 @@ def test_contree_shell_is_not_offered_inside_the_shell(completer: object) -> Non
     found = complete(completer, "contree s")
     assert "session" in found
     assert "shell" not in found and "sh" not in found
+
+
+def test_exit_with_a_status(server: LocalServer, session_env: dict[str, str]) -> None:
+    code, out, _ = shell(server, session_env, "echo x\nexit 3\necho never\n")
+    assert (code, out) == (3, "x\n")

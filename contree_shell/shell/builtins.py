@@ -195,8 +195,15 @@ def _help(sh: ShellContext, call: Builtin) -> int:
     return 0
 
 
-@builtin("exit", "leave the shell (also Ctrl-D)", aliases=("quit",))
+@builtin("exit", "leave the shell (also `quit`, Ctrl-D); N: the shell's exit status",
+         usage="exit [N]", aliases=("quit",))
 def _exit(sh: ShellContext, call: Builtin) -> int:
+    if call.args:
+        try:
+            sh.last.status = int(call.args[0]) & 0xFF
+        except ValueError:
+            output.error(f"exit: {call.args[0]}: numeric argument required")
+            return 2
     raise EOFError
 
 
@@ -205,7 +212,8 @@ def general_help() -> str:
     width = max(len(spec.usage) for spec in _REGISTRY.values())
     rows = [f"  {spec.usage.ljust(width)}  {spec.help}" for spec in _REGISTRY.values()]
     try:
-        names = ", ".join(commands.command_names(commands.shell_parser()))
+        names = ", ".join(n for n in commands.command_names(commands.shell_parser())
+                          if n != "shell")
     except Exception:
         names = ""
     parts = [

@@ -180,21 +180,31 @@ class Repl:
         """One command as typed (continuation lines included). EOFError on Ctrl-D."""
         return self.session.prompt()
 
+    def step(self) -> bool:
+        """Read and run one command; False when the shell should end."""
+        try:
+            text = self.read()
+        except EOFError:
+            return False
+        if not run_text(self.sh, text):
+            return False
+        if self.sh.history is not None:
+            self.sh.history.session_key = self.sh.key  # `use -N` moved the shell
+        self.snapshot = take_snapshot(self.sh)
+        return True
+
     def run(self) -> int:
         """Loop until exit; return the last command's status."""
         try:
             while True:
                 try:
-                    text = self.read()
-                except KeyboardInterrupt:  # only if our Ctrl-C binding was bypassed
-                    continue
-                except EOFError:
-                    break
-                if not run_text(self.sh, text):
-                    break
-                if self.sh.history is not None:
-                    self.sh.history.session_key = self.sh.key  # `use -N` moved the shell
-                self.snapshot = take_snapshot(self.sh)
+                    if not self.step():
+                        break
+                except KeyboardInterrupt:
+                    # A Ctrl-C that landed between commands (not inside one): the shell
+                    # simply comes back to a prompt.
+                    output.write_stderr(b"\n")
+                    self.snapshot = take_snapshot(self.sh)
         finally:
             self.sources.close()
         return self.sh.last.status
