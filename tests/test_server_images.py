@@ -1,5 +1,7 @@
 """Images, tags, inspect and files endpoints against a real server."""
 
+# ruff: noqa: F811  (pytest fixtures imported from test_server_support)
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,7 @@
 """Instance runs through the real server: events, results, stdin, signals, cancel."""
 
+# ruff: noqa: F811  (pytest fixtures imported from test_server_support)
+
 from __future__ import annotations
 
 import base64
@@ -32,7 +34,7 @@ SUMMARY_KEYS = {
 
 def assert_sdk_shape(op: dict[str, Any]) -> None:
     """What the official SDK structures strictly on every poll (§3.7)."""
-    assert SUMMARY_KEYS <= set(op)
+    assert set(op) >= SUMMARY_KEYS
     assert isinstance(op["duration"], float | int)
     md = op["metadata"]
     for key in ("args", "command", "cwd", "disposable", "env", "files", "hostname", "image",

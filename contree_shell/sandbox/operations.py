@@ -9,6 +9,7 @@ nothing that follows a log ever polls.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import sqlite3
 import threading
@@ -345,7 +346,7 @@ class OperationsDB:
         return next_id
 
     def events(self, op_uuid: str, *, after: int | None = None, spid: int | None = None,
-               limit: int | None = None) -> list[Event]:
+               limit: int | None = None) -> builtins.list[Event]:
         """Events with id > after (all when None), optionally of one spid, in id order."""
         sql = "SELECT id, ts, spid, type, data FROM events WHERE op = ? AND id > ?"
         params: list[Any] = [op_uuid, -1 if after is None else after]
@@ -389,7 +390,7 @@ class OperationsDB:
 
     # -- startup ------------------------------------------------------------------
 
-    def fail_unfinished(self, reason: str = "server restarted") -> list[str]:
+    def fail_unfinished(self, reason: str = "server restarted") -> builtins.list[str]:
         """Mark every non-terminal operation FAILED with a completion event."""
         with self._lock:
             rows = self._conn.execute(

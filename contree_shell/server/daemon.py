@@ -277,6 +277,11 @@ def run_server(home: Path | None = None, listen: str | None = None,
                 state.instances.shutdown("server stopped", wait=False)
                 state.imports.shutdown("server stopped")
             super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after shutdown; a requested stop that
+            # completed cleanly should exit 0 instead of dying from SIGTERM.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
     server = _Server(config)
     log.info("contree server %s listening on %s%s", __version__, socket_path(home),
