@@ -420,3 +420,9 @@ def test_no_completion_falls_back_to_the_operation_record() -> None:
 def test_invalid_profile_url_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="Invalid URL 'ftp://nope' for profile 'x'"):
         ContreeClient(Profile(name="x", url="ftp://nope"))
+
+
+def test_resumed_read_past_the_completion_just_ends() -> None:
+    server = EventServer([sse([]), sse([])], status="SUCCESS")
+    assert list(make_client(server).iter_events(OP, since=9)) == []
+    assert server.requests == [("9", "1"), ("9", None)]

@@ -548,8 +548,10 @@ class ContreeClient:
                 if not follow:
                     return
                 if terminal_pass:
-                    if spid is not None:
-                        return  # a spid-filtered log never carries `completion`
+                    if spid is not None or since is not None:
+                        # A spid-filtered log never carries `completion`; a resumed one
+                        # may have had it before `since`.
+                        return
                     raise StreamError(f"The event log of operation {op} ended without completion.")
                 try:
                     terminal_pass = self.is_terminal(op)
