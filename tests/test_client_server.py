@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,25 @@ def test_stdin_piped_to_cat(client: ContreeClient, live: Any) -> None:
     finally:
         os.close(read_fd)
     assert shown == b"piped line\n"
+    assert outcome.exit_code == 0
+
+
+def test_large_binary_stdin_arrives_intact(client: ContreeClient, live: Any) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as fh:
+            fh.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        outcome, shown = run(client, live.busybox, "md5sum", stdin=PipeStdin(read_fd))
+    finally:
+        writer.join()
+        os.close(read_fd)
+    assert shown.split()[0].decode() == hashlib.md5(data).hexdigest()
     assert outcome.exit_code == 0
 
 
