@@ -289,7 +289,7 @@ def run_operation(
         raise
     if source is not None and not forward:
         source.stop()
-    forwarder = _StdinForwarder(client, op, source, notice) if (source and forward) else None
+    forwarder = _StdinForwarder(client, op, source, notice) if (source is not None and forward) else None
     run = _Follow(
         client, op, on_stdout=on_stdout or _noop, on_stderr=on_stderr or _noop,
         on_notice=notice, forwarder=forwarder,
