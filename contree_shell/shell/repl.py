@@ -24,11 +24,13 @@ from prompt_toolkit.layout.controls import BufferControl
 from prompt_toolkit.lexers import PygmentsLexer
 
 from contree_shell import output
+from contree_shell.output import set_output
 from contree_shell.shell import builtins, commands
 from contree_shell.shell.completion.completer import ContreeCompleter
 from contree_shell.shell.completion.sources import Sources
 from contree_shell.shell.context import ShellContext
 from contree_shell.shell.dispatch import run_route
+from contree_shell.shell.fresh_line import LineTrackingOutput, ensure_fresh_line
 from contree_shell.shell.keys import create_key_bindings
 from contree_shell.shell.lexer import ContreeShellLexer
 from contree_shell.shell.prompt import continuation, prompt_message
@@ -182,6 +184,7 @@ class Repl:
 
     def step(self) -> bool:
         """Read and run one command; False when the shell should end."""
+        ensure_fresh_line()
         try:
             text = self.read()
         except EOFError:
@@ -195,6 +198,7 @@ class Repl:
 
     def run(self) -> int:
         """Loop until exit; return the last command's status."""
+        previous = set_output(LineTrackingOutput())
         try:
             while True:
                 try:
@@ -207,6 +211,7 @@ class Repl:
                     self.snapshot = take_snapshot(self.sh)
         finally:
             self.sources.close()
+            set_output(previous)
         return self.sh.last.status
 
 
