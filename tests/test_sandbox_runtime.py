@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,6 +24,9 @@ from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox, StdinClose
 pytestmark = pytest.mark.root
 
 ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"}
+# Long sleeps are found again on the host by their argument: unique per test process, so
+# parallel test runs never see each other's.
+MARK = random.randrange(10**6, 10**7)
 
 
 @pytest.fixture(scope="session")
@@ -213,40 +217,40 @@ def test_twenty_five_megabytes_of_stdout_stream_out(runner: Callable[..., Run]) 
 
 
 def test_timeout_kills_every_process_of_the_sandbox(runner: Callable[..., Run]) -> None:
-    run = runner("sleep 1007 & sleep 1007 & (setsid sleep 1007 &); wait", timeout=1.0)
+    run = runner(f"sleep {MARK + 7} & sleep {MARK + 7} & (setsid sleep {MARK + 7} &); wait", timeout=1.0)
     info = run.wait()
     assert info.timed_out and info.exit_code is None and info.signal == signal.SIGKILL
     assert info.duration < 30  # not a timing check: it must not have waited for sleep
-    assert host_processes_with("sleep 1007") == []
+    assert host_processes_with(f"sleep {MARK + 7}") == []
 
 
 def test_background_processes_die_with_the_main_process(runner: Callable[..., Run]) -> None:
-    run = runner("sleep 1008 & (setsid sleep 1008 &); (trap '' TERM HUP; sleep 1008) & echo ok")
+    run = runner(f"sleep {MARK + 8} & (setsid sleep {MARK + 8} &); (trap '' TERM HUP; sleep {MARK + 8}) & echo ok")
     info = run.wait()
     assert info.exit_code == 0 and bytes(run.stdout) == b"ok\n"
-    assert host_processes_with("sleep 1008") == []
+    assert host_processes_with(f"sleep {MARK + 8}") == []
 
 
 def test_signal_reaches_the_running_command(runner: Callable[..., Run]) -> None:
     ready = threading.Event()
-    run = runner("echo ready; exec sleep 1009", on_chunk=lambda s, c: ready.set())
+    run = runner(f"echo ready; exec sleep {MARK + 9}", on_chunk=lambda s, c: ready.set())
     assert ready.wait(30)
     assert run.sandbox is not None
     run.sandbox.signal(signal.SIGINT)
     info = run.wait()
     assert info.signal == signal.SIGINT and info.exit_code is None and not info.timed_out
-    assert host_processes_with("sleep 1009") == []
+    assert host_processes_with(f"sleep {MARK + 9}") == []
 
 
 def test_kill_ends_the_run_at_once(runner: Callable[..., Run]) -> None:
     ready = threading.Event()
-    run = runner("echo ready; trap '' INT TERM; sleep 1010", on_chunk=lambda s, c: ready.set())
+    run = runner(f"echo ready; trap '' INT TERM; sleep {MARK + 10}", on_chunk=lambda s, c: ready.set())
     assert ready.wait(30)
     assert run.sandbox is not None
     run.sandbox.kill()
     info = run.wait()
     assert info.signal == signal.SIGKILL and info.exit_code is None
-    assert host_processes_with("sleep 1010") == []
+    assert host_processes_with(f"sleep {MARK + 10}") == []
 
 
 def test_true_leaves_upper_empty(runner: Callable[..., Run]) -> None:
@@ -419,7 +423,7 @@ up.mkdir(); wk.mkdir()
 def out(stream, chunk):
     sys.stdout.write("ready\\n"); sys.stdout.flush()
 sb = Sandbox.start(lowers=[Path({str(busybox_image)!r})], upper=up, work=wk,
-                   spec=RunSpec(argv=["sh", "-c", "sleep 1011 & echo x; sleep 1011"],
+                   spec=RunSpec(argv=["sh", "-c", "sleep {MARK + 11} & echo x; sleep {MARK + 11}"],
                                 env={ENV!r}), on_output=out)
 sb.wait()
 """
@@ -428,9 +432,9 @@ sb.wait()
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
         # The shell has forked, the sleeps may still be exec'ing: no event to wait on.
-        assert poll_until(lambda: len(host_processes_with("sleep 1011")) == 2)
+        assert poll_until(lambda: len(host_processes_with(f"sleep {MARK + 11}")) == 2)
     finally:
         proc.kill()
         proc.wait()
     # PDEATHSIG is delivered asynchronously: poll the process list for a bounded while.
-    assert poll_until(lambda: host_processes_with("sleep 1011") == [])
+    assert poll_until(lambda: host_processes_with(f"sleep {MARK + 11}") == [])
