@@ -403,3 +403,12 @@ def test_concurrent_runs_all_complete(api_server: ApiServer, http: httpx.Client)
         t.join()
     assert sorted(r["metadata"]["result"]["stdout"]["value"] for r in results) == sorted(
         f"{i}\n" for i in range(8))
+
+
+def test_files_follow_symlinked_parent_dirs_inside_the_image(api_server: ApiServer,
+                                                             http: httpx.Client) -> None:
+    base = run(http, api_server.busybox, "mkdir -p /opt/real && ln -s /opt/real /lnk")
+    up = http.post("/v1/files", content=b"via link\n").json()
+    body = run(http, base["result"]["image"], "cat /opt/real/f; test -L /lnk && echo link",
+               files={"/lnk/f": {"uuid": up["uuid"], "mode": "0644"}})
+    assert body["metadata"]["result"]["stdout"]["value"] == "via link\nlink\n"
