@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from contree_shell.sandbox.inspect import Hit, ImageView, is_opaque, is_whiteout, lookup
@@ -185,3 +186,141 @@ def is_empty(path: os.PathLike[str] | str) -> bool:
     """True when the directory has no entries (the fast "nothing changed" test)."""
     with os.scandir(path) as it:
         return next(it, None) is None
+
+
+# ------------------------------------------------------------------------ flattening
+
+_FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share extents (btrfs, xfs)
+
+
+@dataclass
+class FlattenStats:
+    """What a flatten copied: entries written and bytes of regular-file data."""
+
+    entries: int = 0
+    bytes: int = 0
+
+
+def _copy_data(src: str, dest: str, size: int) -> None:
+    """Copy a regular file's bytes: a reflink when the filesystem can, else an in-kernel
+    copy, else a plain read/write loop."""
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if size == 0:
+                return
+            try:
+                import fcntl
+
+                fcntl.ioctl(fd_out, _FICLONE, fd_in)
+                return
+            except OSError:
+                pass
+            done = 0
+            try:
+                while done < size:
+                    n = os.copy_file_range(fd_in, fd_out, size - done)
+                    if n == 0:
+                        break
+                    done += n
+                return
+            except OSError:
+                os.lseek(fd_in, done, os.SEEK_SET)
+                os.lseek(fd_out, done, os.SEEK_SET)
+            while True:
+                chunk = os.read(fd_in, 1 << 20)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd_out, view) :]
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def copy_metadata(src: str, dest: str, st: os.stat_result) -> None:
+    """Owner, mode, non-overlay xattrs and timestamps of ``src`` onto ``dest``.
+
+    Order matters: chown clears set-id bits and file capabilities, so mode and xattrs
+    come after it; writing xattrs touches ctime only, so times go last.
+    """
+    is_link = stat.S_ISLNK(st.st_mode)
+    os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not is_link:
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+    for name, value in _xattrs(src).items():
+        try:
+            os.setxattr(dest, name, value, follow_symlinks=False)
+        except OSError:
+            continue  # e.g. user.* on a symlink: the kernel allows none there
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _flatten_dir(
+    stack: tuple[str, ...],
+    dest: str,
+    links: dict[tuple[int, int], str],
+    stats: FlattenStats,
+    on_entry: Callable[[FlattenStats], None] | None,
+) -> None:
+    for e in ImageView.entries(stack):
+        src = e.host_path
+        target = dest + "/" + e.name
+        try:
+            st = os.lstat(src)
+        except OSError:
+            continue
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            hit = lookup(stack, e.name)
+            os.mkdir(target, 0o700)
+            if hit is not None:
+                _flatten_dir(hit.stack, target, links, stats, on_entry)
+            copy_metadata(src, target, st)
+        else:
+            key = (st.st_dev, st.st_ino)
+            first = links.get(key) if st.st_nlink > 1 else None
+            if first is not None:
+                os.link(first, target, follow_symlinks=False)  # keep hardlinks hardlinked
+            else:
+                if stat.S_ISREG(mode):
+                    _copy_data(src, target, st.st_size)
+                    stats.bytes += st.st_size
+                elif stat.S_ISLNK(mode):
+                    os.symlink(os.readlink(src), target)
+                else:  # char/block devices, fifos, sockets
+                    os.mknod(target, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+                copy_metadata(src, target, st)
+                if st.st_nlink > 1:
+                    links[key] = target
+        stats.entries += 1
+        if on_entry is not None:
+            on_entry(stats)
+
+
+def flatten(
+    layers: Sequence[os.PathLike[str] | str],
+    dest: os.PathLike[str] | str,
+    *,
+    on_entry: Callable[[FlattenStats], None] | None = None,
+) -> FlattenStats:
+    """Write the merged view of ``layers`` (bottom..top) into the empty directory
+    ``dest`` as one plain layer.
+
+    Types, modes, owners, mtimes, device numbers, symlink targets and xattrs are kept
+    (overlay's own markers are not: the result is a bottom layer, nothing below it to
+    hide). Names hardlinked in a source layer stay hardlinked in the copy. Whiteouts
+    and opaque directories are resolved, never copied. File data is reflinked when the
+    filesystem can. ``on_entry`` is called after every entry (progress, tests).
+    """
+    stack = tuple(os.fspath(p) for p in reversed(list(layers)))
+    if not stack:
+        raise ValueError("nothing to flatten")
+    out = os.fspath(dest)
+    stats = FlattenStats()
+    _flatten_dir(stack, out, {}, stats, on_entry)
+    copy_metadata(stack[0], out, os.lstat(stack[0]))
+    return stats
