@@ -196,7 +196,9 @@ class _LayerWriter:
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         where = "/".join(parts[: i + 1])
-                        what = "a symlink" if exc.errno == errno.ELOOP else "not a directory"
+                        st = self._lstat(fd, comp)
+                        link = st is not None and stat.S_ISLNK(st.st_mode)
+                        what = "a symlink" if link else "not a directory"
                         raise ImportFailed(
                             f"unsafe tar entry {name!r}: parent {where!r} is {what}"
                         ) from None
