@@ -48,6 +48,7 @@ from pathlib import Path
 
 from contree_shell.sandbox import hardening
 from contree_shell.sandbox import syscalls as sc
+from contree_shell.sandbox.cgroups import CgroupError, Limits, RunCgroup
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class RunSpec:
     timeout: float | None = None
     network: bool = False
     stdin_open: bool = False
+    limits: Limits | None = None    # memory/pids/cpu via cgroups; None: no cgroup at all
 
 
 @dataclass
@@ -111,6 +113,7 @@ class ExitInfo:
     duration: float
     rusage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    oom_killed: bool = False  # only known for runs with a memory limit
 
 
 # ----------------------------------------------------------------------------- planning
@@ -129,6 +132,7 @@ class _Plan:
     hostname: bytes
     etc_files: list[tuple[bytes, bytes]]  # (target, content)
     network: bool
+    cgroup_procs: list[bytes]
     cwd: str
     argv: list[str]
     env: dict[str, str]
@@ -217,6 +221,7 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
                    (b"etc/resolv.conf",
                     f"nameserver {PASTA_DNS}\n".encode() if spec.network else b"")],
         network=spec.network,
+        cgroup_procs=[],
         cwd=spec.cwd,
         argv=list(spec.argv),
         env=dict(spec.env),
@@ -286,6 +291,13 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> No
         # Drop every other descriptor of the server, including other sandboxes' pipes,
         # which would otherwise delay their EOF until this run ends.
         os.closerange(_NETGO_FD + 1 if netgo >= 0 else _STATUS_FD + 1, 1 << 20)
+        stage = b"cgroup"
+        for procs in plan.cgroup_procs:  # before the cgroup namespace is unshared
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
         stage = b"unshare"
         sc.unshare(plan.unshare_flags)
         if netgo >= 0:
@@ -390,6 +402,14 @@ def _command(plan: _Plan) -> None:
     stage = b"harden"
     try:
         os.setsid()
+        # Under memory pressure the OOM killer should pick the workload, not pid 1 (whose
+        # death would lose the exit status) nor the server; raising needs no capability.
+        with contextlib.suppress(OSError):
+            fd = os.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"500")
+            finally:
+                os.close(fd)
         hardening.apply(plan.harden)
         stage = _EXEC_STAGE
         os.execvpe(plan.argv[0], plan.argv, plan.env)
@@ -479,13 +499,23 @@ class Sandbox:
         through ExitInfo.error.
         """
         plan = _plan(lowers, upper, work, spec)
+        cgroup: RunCgroup | None = None
+        if spec.limits is not None and spec.limits.controllers():
+            try:
+                cgroup = RunCgroup.create(spec.limits)
+            except CgroupError as e:
+                raise SandboxError(str(e)) from e
+            plan.cgroup_procs = cgroup.procs_files
         sb = cls(plan, spec, on_output, on_exit)
+        sb._cgroup = cgroup
         sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
         sb._thread.start()
         sb._forked.wait()
         if sb._spawn_error is not None:
             sb._thread.join()
             sb._close_wake()
+            if cgroup is not None:
+                cgroup.remove()
             raise SandboxError(f"cannot start sandbox: {sb._spawn_error}") from sb._spawn_error
         # Return once the command is forked (or setup failed), so ``pid`` is known.
         sb._spawned.wait()
@@ -771,6 +801,7 @@ class Sandbox:
             self._rusage = dict(zip(RUSAGE_KEYS, (int(p) for p in parts[2:]), strict=False))
 
     _error: tuple[str, int] | None = None
+    _cgroup: RunCgroup | None = None
     _net_error: str | None = None
     _netgo_w = -1
     _status: int | None = None
@@ -796,6 +827,12 @@ class Sandbox:
                 os.close(pid1_fd)
         duration = time.monotonic() - self._t0
         self._info = self._exit_info(duration)
+        if self._cgroup is not None:
+            self._info.oom_killed = self._cgroup.oom_killed()
+            self._cgroup.remove()
+            if self._info.oom_killed and self._status is None and not self._timed_out:
+                # pid 1 itself was the OOM victim: the run died of SIGKILL all the same.
+                self._info.signal, self._info.error = signal.SIGKILL, None
         self._close_wake()
         if self._on_exit is not None:
             try:

@@ -1,0 +1,110 @@
+"""cgroup limits for sandbox runs: layout detection (pure) and real limits (root)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from contree_shell.sandbox import cgroups
+from contree_shell.sandbox.bootstrap import build_busybox_rootfs
+from contree_shell.sandbox.cgroups import Layout, Limits, RunCgroup
+from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox
+
+HYBRID_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+V2_MOUNTINFO = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_hybrid_layout_maps_v1_controllers_and_the_unified_mount() -> None:
+    v1, v2 = cgroups.parse_mountinfo(HYBRID_MOUNTINFO)
+    assert v1 == {"cpu": Path("/sys/fs/cgroup/cpu,cpuacct"),
+                  "memory": Path("/sys/fs/cgroup/memory"), "pids": Path("/sys/fs/cgroup/pids")}
+    assert v2 == Path("/sys/fs/cgroup/unified")
+    assert Layout(v1=v1, v2=v2).mode == "hybrid"
+
+
+def test_pure_v2_and_no_cgroup_layouts() -> None:
+    v1, v2 = cgroups.parse_mountinfo(V2_MOUNTINFO)
+    assert v1 == {} and Layout(v1=v1, v2=v2).mode == "v2"
+    assert Layout().mode == "none"
+
+
+def test_own_cgroup_paths_are_parsed_per_controller() -> None:
+    text = "4:memory:/outer/inner\n1:cpu,cpuacct:/\n0::/user.slice\n9:name=systemd:/\n"
+    assert cgroups.parse_proc_cgroup(text) == ({"memory": "/outer/inner", "cpu": "/"},
+                                               "/user.slice")
+
+
+def test_limits_name_only_the_controllers_they_need() -> None:
+    assert Limits().controllers() == []
+    assert Limits(memory_bytes=1, cpus=0.5).controllers() == ["memory", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox engine tests run as root")
+    root = tmp_path_factory.mktemp("cgimage") / "rootfs"
+    build_busybox_rootfs(root)
+    return root
+
+
+def run(image: Path, tmp_path: Path, script: str, limits: Limits) -> tuple[ExitInfo, bytes]:
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    out = bytearray()
+    sb = Sandbox.start(lowers=[image], upper=upper, work=work,
+                       spec=RunSpec(argv=["sh", "-c", script], env={"PATH": "/bin"},
+                                    timeout=60, limits=limits),
+                       on_output=lambda stream, chunk: out.extend(chunk))
+    info = sb.wait(120)
+    assert info is not None
+    return info, bytes(out)
+
+
+@pytest.mark.root
+def test_memory_limit_oom_kills_the_run(image: Path, tmp_path: Path) -> None:
+    if "memory" not in cgroups.detect().v1 | dict.fromkeys(cgroups.detect().v2_controllers):
+        pytest.skip("no memory controller")
+    info, _ = run(image, tmp_path, "dd if=/dev/zero of=/dev/null bs=200M count=1",
+                  Limits(memory_bytes=32 * 1024 * 1024))
+    assert info.signal == signal.SIGKILL and info.exit_code is None
+    assert info.oom_killed
+
+
+@pytest.mark.root
+def test_pids_limit_makes_fork_fail(image: Path, tmp_path: Path) -> None:
+    info, out = run(image, tmp_path,
+                    "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done 2>&1; echo end",
+                    Limits(pids=5))
+    assert not info.oom_killed  # ash gives up on the first failed fork (exit 2)
+    assert b"can't fork" in out or b"Resource temporarily unavailable" in out
+
+
+@pytest.mark.root
+def test_run_cgroups_are_removed_afterwards(image: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[RunCgroup] = []
+    real_create = RunCgroup.create
+
+    def spy(limits: Limits, layout: Layout | None = None) -> RunCgroup:
+        cg = real_create(limits, layout)
+        made.append(cg)
+        return cg
+
+    monkeypatch.setattr(RunCgroup, "create", staticmethod(spy))
+    info, out = run(image, tmp_path, "cat /proc/self/cgroup | grep -c contree; echo ok",
+                    Limits(memory_bytes=256 * 1024 * 1024, pids=100, cpus=1.5))
+    assert info.exit_code == 0 and out.endswith(b"ok\n")
+    assert b"0\n" in out  # the cgroup namespace hides the host-side group names
+    assert made and all(not os.path.exists(os.fsdecode(p)) for p in made[0].procs_files)
