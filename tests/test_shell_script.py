@@ -132,3 +132,9 @@ def test_contree_shell_is_not_offered_inside_the_shell(completer: object) -> Non
 def test_exit_with_a_status(server: LocalServer, session_env: dict[str, str]) -> None:
     code, out, _ = shell(server, session_env, "echo x\nexit 3\necho never\n")
     assert (code, out) == (3, "x\n")
+
+
+def test_aliases_are_offered_only_when_no_full_name_fits(completer: object) -> None:
+    found = complete(completer, "contree session c")
+    assert "checkout" in found and "co" not in found
+    assert complete(completer, "contree session rb") == ["rb"]

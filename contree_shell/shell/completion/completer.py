@@ -97,10 +97,15 @@ class ContreeCompleter(Completer):
                 topics.setdefault(name, help_)
             return _names(word, topics.items())
         if isinstance(suggestion, CommandNames):
+            sub = _descend(parser, suggestion.path)
+            helps = dict(_command_help(sub))
+            canonical = set(_canonical_names(sub))
             names = [n for n in suggestion.names
                      if suggestion.path or n not in _HIDDEN_IN_SHELL]
-            helps = dict(_command_help(_descend(parser, suggestion.path)))
-            return _names(word, ((n, helps.get(n, "")) for n in names))
+            # Aliases (`s`, `co`, `rb`) only when no full name fits what was typed.
+            full = [n for n in names if n in canonical and n.startswith(word.value)]
+            shown = full or names
+            return _names(word, ((n, helps.get(n, "")) for n in shown))
         if isinstance(suggestion, FlagNames):
             return _names(word, suggestion.flags)
         if isinstance(suggestion, Choices):
@@ -180,6 +185,12 @@ def _descend(parser: argparse.ArgumentParser | None, path: tuple[str, ...]
     if parser is None:
         return None
     return find_command(list(path), parser)
+
+
+def _canonical_names(parser: argparse.ArgumentParser | None) -> list[str]:
+    from contree_shell.shell.commands import command_names
+
+    return command_names(parser) if parser is not None else []
 
 
 def _command_help(parser: argparse.ArgumentParser | None) -> list[tuple[str, str]]:
