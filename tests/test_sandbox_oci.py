@@ -954,3 +954,44 @@ def test_bearer_token_flow_and_storage_redirect(
     assert front.token_requests[0].params["scope"] == "repository:test/base:pull"
     assert len(front.storage_headers) == 4  # config + 3 layers, all via the redirect
     assert all("authorization" not in h for h in front.storage_headers)
+
+
+def test_layer_written_by_gnu_tar_keeps_xattrs_setuid_hardlinks(tmp_path: Path) -> None:
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    src = tmp_path / "src"
+    (src / "usr/bin").mkdir(parents=True)
+    (src / "usr/bin/su").write_bytes(b"su")
+    os.chown(src / "usr/bin/su", 0, 0)
+    os.chmod(src / "usr/bin/su", 0o4755)
+    os.link(src / "usr/bin/su", src / "usr/bin/su2")
+    os.symlink("su", src / "usr/bin/su3")
+    (src / "data").write_bytes(b"d" * 70_000)
+    os.setxattr(src / "data", "user.note", b"kept")
+    os.chown(src / "data", 123, 456)
+    os.utime(src / "data", (MTIME, MTIME))
+    layer = tmp_path / "layer.tar.gz"
+    subprocess.run(
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--format=posix",
+            "--numeric-owner",
+            "-C",
+            str(src),
+            "-czf",
+            str(layer),
+            ".",
+        ],
+        check=True,
+    )
+    dest = tmp_path / "dest"
+    assert convert_layer(layer, dest, compression="auto") == 70_002  # the hard link adds nothing
+    su = lst(dest / "usr/bin/su")
+    assert stat.S_IMODE(su.st_mode) == 0o4755
+    assert su.st_ino == lst(dest / "usr/bin/su2").st_ino
+    assert os.readlink(dest / "usr/bin/su3") == "su"
+    data = lst(dest / "data")
+    assert (data.st_uid, data.st_gid, int(data.st_mtime)) == (123, 456, MTIME)
+    assert os.getxattr(dest / "data", "user.note") == b"kept"

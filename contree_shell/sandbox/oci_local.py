@@ -159,10 +159,17 @@ class LocalSource:
         self.path, self.ref = split_path_ref(rest, scheme + ":")
         self.path = self.path.resolve()
         self.source = f"{scheme}:{self.path}" + (f":{self.ref}" if self.ref else "")
-        self.files: _Files = _DirFiles(self.path) if scheme == "oci" else _TarFiles(self.path)
+        self._files: _Files | None = None  # opened on first use: normalising stays cheap
+
+    @property
+    def files(self) -> _Files:
+        if self._files is None:
+            self._files = _DirFiles(self.path) if self.kind == "oci" else _TarFiles(self.path)
+        return self._files
 
     def close(self) -> None:
-        self.files.close()
+        if self._files is not None:
+            self._files.close()
 
     # -- resolving ------------------------------------------------------------------
 
@@ -199,6 +206,9 @@ class LocalSource:
                     f"{self.source}: no image tagged {self.ref!r} (tags: {', '.join(names) or 'none'})"
                 )
             entries = chosen
+        elif len(entries) > 1:
+            latest = [e for e in entries if (e.get("annotations") or {}).get(_REF_NAME) == "latest"]
+            entries = latest or entries
         if len(entries) == 1:
             digest = check_digest(entries[0].get("digest"), f"{self.source} index.json")
             data, ctype = self._blob(digest), entries[0].get("mediaType")
