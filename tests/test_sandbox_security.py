@@ -165,3 +165,41 @@ def test_unprivileged_user_cannot_regain_root(sh) -> None:
            uid=1000, gid=1000)  # fmt: skip
     assert r.out.splitlines()[0] == "1000"
     assert "su=0" not in r.out and "CapEff:\t0000000000000000" in r.out
+
+
+def test_image_mount_points_that_are_symlinks_are_refused(image: Path, tmp_path: Path) -> None:
+    # Mounts happen before pivot_root: a symlinked /dev would resolve on the host.
+    evil = tmp_path / "evil"
+    (evil / "dev").mkdir(parents=True)
+    os.rmdir(evil / "dev")
+    os.symlink(str(tmp_path / "host-target"), evil / "dev")
+    (tmp_path / "host-target").mkdir()
+    (evil / "etc").mkdir()
+    os.symlink("/etc/shadow", evil / "etc/hosts")  # left alone, never bound over
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    work.mkdir()
+    sb = Sandbox.start(lowers=[image, evil], upper=upper, work=work,
+                       spec=RunSpec(argv=["true"], env=ENV), on_output=lambda s, c: None)
+    info = sb.wait(60)
+    assert info is not None and info.exit_code is None
+    assert info.error == "sandbox setup failed at mount-dev: Too many levels of symbolic links"
+    assert list((tmp_path / "host-target").iterdir()) == []
+
+
+def test_symlinked_etc_files_are_left_alone_not_bound_through(sh, image: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    layer = tmp_path / "links"
+    (layer / "etc").mkdir(parents=True)
+    os.symlink("/etc/passwd", layer / "etc/hosts")
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    work.mkdir()
+    out = bytearray()
+    sb = Sandbox.start(lowers=[image, layer], upper=upper, work=work,
+                       spec=RunSpec(argv=["sh", "-c", "readlink /etc/hosts; cat /etc/hostname"],
+                                    env=ENV), on_output=lambda s, c: out.extend(c))  # fmt: skip
+    info = sb.wait(60)
+    assert info is not None and info.exit_code == 0
+    assert bytes(out) == b"/etc/passwd\nlinuxkit\n"
+    assert (image / "etc/passwd").read_text().startswith("root:")
