@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import signal
 import stat
@@ -91,6 +92,7 @@ _seccomp_lock = threading.Lock()
 _seccomp_cache: tuple[ctypes.Array[ctypes.c_char], sc.SockFprog] | None = None
 
 
+@functools.cache
 def _last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:

@@ -20,6 +20,8 @@ After fork, children call only ``os`` functions and the pre-resolved ctypes wrap
 
 Children report to the server on a status pipe (fd 3 in the children), one line each::
 
+    N                              from the intermediate (network runs): namespace ready
+                                   for pasta; it then waits for a byte on fd 4
     P <host pid of pid 1>          from the intermediate
     S <namespace pid of command>   from pid 1, once the command is forked
     E <stage> <errno>              a setup step (or exec) failed
@@ -494,9 +496,11 @@ class Sandbox:
               on_exit: Callable[[ExitInfo], None] | None = None) -> Sandbox:  # fmt: skip
         """Start ``spec`` over the layers (bottom..top) with a fresh upper/work pair.
 
-        Returns once the sandbox process exists; raises SandboxError when the spec is
-        invalid or the host cannot fork. Setup failures inside the sandbox are reported
-        through ExitInfo.error.
+        Returns once the command is forked (so ``pid`` is known) or setup has failed;
+        raises SandboxError when the spec is invalid, limits cannot be applied or the
+        host cannot fork. Setup failures inside the sandbox are reported through
+        ExitInfo.error. Callbacks must be quick: they run on the I/O thread, which also
+        enforces the timeout.
         """
         plan = _plan(lowers, upper, work, spec)
         cgroup: RunCgroup | None = None
