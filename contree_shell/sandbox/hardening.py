@@ -102,10 +102,18 @@ def _last_cap() -> int:
 
 
 def build_seccomp_program() -> bytes:
-    """Compile the deny-list to classic BPF (native architecture; others are killed)."""
+    """Compile the deny-list to classic BPF for the native ABI and its 32-bit compat ABI."""
     import pyseccomp as seccomp  # deferred: only the server side ever needs libseccomp
 
     filt = seccomp.SyscallFilter(seccomp.ALLOW)
+    # 32-bit programs stay usable (with the same rules); any other ABI is killed.
+    compat = {seccomp.Arch.X86_64: seccomp.Arch.X86,
+              seccomp.Arch.AARCH64: seccomp.Arch.ARM}.get(seccomp.system_arch())  # fmt: skip
+    if compat is not None:
+        try:
+            filt.add_arch(compat)
+        except (OSError, ValueError, RuntimeError):
+            pass
     eperm = seccomp.ERRNO(errno.EPERM)
     for name in DENIED_SYSCALLS:
         try:
