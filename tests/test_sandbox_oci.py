@@ -46,6 +46,11 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZ = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MTIME = 1_600_000_000
 
 
@@ -171,6 +176,7 @@ class Image:
     blobs: dict[str, bytes]
     manifest: bytes
     layers: list[bytes]  # uncompressed tars
+    media_type: str = OCI_MANIFEST
 
     @property
     def digest(self) -> str:
@@ -183,13 +189,18 @@ def build_image(
     *,
     arch: str = "amd64",
     variant: str | None = None,
+    docker: bool = False,
+    compress: bool = True,
 ) -> Image:
+    """Blobs and manifest of an image, OCI types by default, Docker schema 2 types when
+    ``docker``; layers gzip-compressed unless ``compress`` is False (OCI plain tar)."""
     blobs: dict[str, bytes] = {}
     descs = []
     for tar in layers:
-        gz = gzip.compress(tar, mtime=0)
-        blobs[sha(gz)] = gz
-        descs.append({"mediaType": OCI_LAYER_GZ, "digest": sha(gz), "size": len(gz)})
+        blob = gzip.compress(tar, mtime=0) if compress else tar
+        blobs[sha(blob)] = blob
+        layer_type = DOCKER_LAYER_GZ if docker else OCI_LAYER_GZ if compress else OCI_LAYER
+        descs.append({"mediaType": layer_type, "digest": sha(blob), "size": len(blob)})
     cfg: dict[str, Any] = {
         "architecture": arch,
         "os": "linux",
@@ -203,17 +214,24 @@ def build_image(
     manifest = json.dumps(
         {
             "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": sha(cfg_bytes), "size": len(cfg_bytes)},
+            "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
+            "config": {
+                "mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
+                "digest": sha(cfg_bytes),
+                "size": len(cfg_bytes),
+            },
             "layers": descs,
         }
     ).encode()
     blobs[sha(manifest)] = manifest
-    return Image(blobs, manifest, layers)
+    return Image(blobs, manifest, layers, DOCKER_MANIFEST if docker else OCI_MANIFEST)
 
 
-def build_index(images: dict[tuple[str, str | None], Image]) -> tuple[bytes, dict[str, bytes]]:
-    """An OCI image index over per-platform images (plus an attestation entry to skip)."""
+def build_index(
+    images: dict[tuple[str, str | None], Image], *, docker: bool = False
+) -> tuple[bytes, dict[str, bytes]]:
+    """An OCI image index (a Docker manifest list when ``docker``) over per-platform
+    images, plus an attestation entry to skip."""
     blobs: dict[str, bytes] = {}
     manifests = []
     for (arch, variant), img in images.items():
@@ -223,22 +241,27 @@ def build_index(images: dict[tuple[str, str | None], Image]) -> tuple[bytes, dic
             plat["variant"] = variant
         manifests.append(
             {
-                "mediaType": OCI_MANIFEST,
+                "mediaType": img.media_type,
                 "digest": img.digest,
                 "size": len(img.manifest),
                 "platform": plat,
             }
         )
+    first = next(iter(images.values()))
     manifests.append(
         {
-            "mediaType": OCI_MANIFEST,
-            "digest": next(iter(images.values())).digest,
+            "mediaType": first.media_type,
+            "digest": first.digest,
             "size": 1,
             "platform": {"os": "unknown", "architecture": "unknown"},
         }
     )
     index = json.dumps(
-        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+        {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_LIST if docker else OCI_INDEX,
+            "manifests": manifests,
+        }
     ).encode()
     blobs[sha(index)] = index
     return index, blobs
@@ -754,7 +777,7 @@ class Registry:
                     headers={"Content-Type": "application/octet-stream"},
                 )
                 assert done.status_code == 201, done.text
-            if media_type == OCI_INDEX:
+            if media_type in (OCI_INDEX, DOCKER_LIST):
                 for m in json.loads(top)["manifests"]:
                     if m["platform"]["os"] == "unknown":
                         continue
@@ -762,7 +785,7 @@ class Registry:
                     r = c.put(
                         f"/v2/{name}/manifests/{m['digest']}",
                         content=body,
-                        headers={"Content-Type": OCI_MANIFEST},
+                        headers={"Content-Type": m["mediaType"]},
                     )
                     assert r.status_code == 201, r.text
             r = c.put(
@@ -997,3 +1020,36 @@ def test_layer_written_by_gnu_tar_keeps_xattrs_setuid_hardlinks(tmp_path: Path) 
     data = lst(dest / "data")
     assert (data.st_uid, data.st_gid, int(data.st_mtime)) == (123, 456, MTIME)
     assert os.getxattr(dest / "data", "user.note") == b"kept"
+
+
+def test_registry_docker_manifest_list_and_schema2(tmp_path: Path, registry: Registry) -> None:
+    amd = build_image(base_layers(), arch="amd64", docker=True)
+    arm = build_image([make_tar([f("arch", b"arm64")])], arch="arm64", variant="v8", docker=True)
+    index, blobs = build_index({("amd64", None): amd, ("arm64", "v8"): arm}, docker=True)
+    registry.push("test/dockerlist", "v1", index, DOCKER_LIST, blobs)
+    img = import_reference(
+        f"docker://{registry.url}/test/dockerlist:v1", tmp_path / "w", platform=("linux", "amd64")
+    )
+    assert img.digest == amd.digest
+    check_base_image(img)
+
+
+def test_uncompressed_oci_layers(tmp_path: Path) -> None:
+    plain = build_image(base_layers(), compress=False)
+    layout = write_layout(tmp_path / "layout", plain.blobs, plain.manifest, OCI_MANIFEST, "v1")
+    check_base_image(import_reference(f"oci:{layout}:v1", tmp_path / "work"))
+
+
+def test_progress_callback_exception_aborts_and_cleans_up(tmp_path: Path, image: Image) -> None:
+    layout = write_layout(tmp_path / "layout", image.blobs, image.manifest, OCI_MANIFEST, "v1")
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(line: str) -> None:
+        if line.startswith("layer 2/"):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        import_reference(f"oci:{layout}:v1", tmp_path / "work", progress=progress)
+    assert os.listdir(tmp_path / "work") == []
