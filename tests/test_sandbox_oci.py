@@ -632,6 +632,7 @@ def assert_untouched(tmp_path: Path, outside: Path) -> None:
         ),
         (lambda out: [Entry("sda", "blk")], "device nodes are not allowed"),
         (lambda out: [Entry("null", "chr")], "device nodes are not allowed"),
+        (lambda out: [f(".wh.etc/passwd", b"x")], "whiteout name used as a directory"),
     ],
     ids=[
         "dotdot",
@@ -648,6 +649,7 @@ def assert_untouched(tmp_path: Path, outside: Path) -> None:
         "hardlink-through-symlink",
         "block-device",
         "char-device",
+        "whiteout-as-directory",
     ],
 )
 def test_malicious_layer_fails_and_writes_nothing_outside(

@@ -231,6 +231,10 @@ class _LayerWriter:
         if not parts:
             return  # the layer root: its metadata is the store's business
         base = parts[-1]
+        if any(p.startswith(WHITEOUT_PREFIX) for p in parts[:-1]):
+            # A directory named like a whiteout would read as one in ImageView but as a
+            # plain directory to the kernel: refuse the ambiguity.
+            raise ImportFailed(f"tar entry {member.name!r}: whiteout name used as a directory")
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(member, parts)
             return
