@@ -1055,3 +1055,15 @@ def test_progress_callback_exception_aborts_and_cleans_up(tmp_path: Path, image:
     with pytest.raises(Cancelled):
         import_reference(f"oci:{layout}:v1", tmp_path / "work", progress=progress)
     assert os.listdir(tmp_path / "work") == []
+
+
+def test_implicit_parent_dirs_are_0755_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        dest = convert(tmp_path, [f("deep/er/file", b"x", mode=0o644)])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(lst(dest).st_mode) == 0o755
+    assert stat.S_IMODE(lst(dest / "deep").st_mode) == 0o755
+    assert stat.S_IMODE(lst(dest / "deep/er").st_mode) == 0o755
+    assert stat.S_IMODE(lst(dest / "deep/er/file").st_mode) == 0o644

@@ -167,8 +167,11 @@ class _LayerWriter:
     """Applies tar entries to one layer directory through directory fds."""
 
     def __init__(self, dest: Path) -> None:
+        created = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
         self.root = os.open(dest, _DIR_FLAGS)
+        if created:
+            os.fchmod(self.root, 0o755)
         self.bytes = 0
         # Directory metadata is applied at the end: entries created inside a directory
         # change its mtime, and a read-only mode must not get in the way.
@@ -193,6 +196,7 @@ class _LayerWriter:
                     # Implicit parent (the tar has no entry for it): a plain 0755 dir.
                     os.mkdir(comp, 0o755, dir_fd=fd)
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, 0o755)  # whatever the server's umask is
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         where = "/".join(parts[: i + 1])
