@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -19,7 +21,7 @@ import pytest
 
 from contree_shell.sandbox import runtime
 from contree_shell.sandbox.bootstrap import build_busybox_rootfs
-from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox, StdinClosed
+from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox, SandboxError, StdinClosed
 
 pytestmark = pytest.mark.root
 
@@ -69,10 +71,11 @@ class Run:
 @pytest.fixture
 def runner(busybox_image: Path, tmp_path: Path) -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
+    counter = itertools.count()
 
     def start(argv: list[str] | str, *, lowers: list[Path] | None = None,
               on_chunk: Callable[[str, bytes], None] | None = None, **spec: object) -> Run:  # fmt: skip
-        n = len(runs)
+        n = next(counter)
         run = Run(upper=tmp_path / f"run{n}" / "upper", work=tmp_path / f"run{n}" / "work",
                   on_chunk=on_chunk)  # fmt: skip
         run.upper.mkdir(parents=True)
@@ -318,6 +321,22 @@ def test_setup_failure_is_reported_as_error(runner: Callable[..., Run], tmp_path
     info = runner(["true"], lowers=[tmp_path / "no-such-layer"]).wait()
     assert info.exit_code is None
     assert info.error == "sandbox setup failed at mount-overlay: No such file or directory"
+
+
+@pytest.mark.parametrize("spare_fds", [1, 6])
+def test_start_raises_instead_of_hanging_when_out_of_descriptors(
+        runner: Callable[..., Run], spare_fds: int) -> None:  # fmt: skip
+    assert runner(["true"]).wait().exit_code == 0  # seccomp filter compiled, libs loaded
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    free = [fd for fd in range(soft) if fd not in used][:spare_fds]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[-1] + 1, hard))  # spare_fds left
+    try:
+        with pytest.raises(SandboxError, match="cannot start sandbox"):
+            runner(["true"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert runner(["true"]).wait().exit_code == 0
 
 
 def test_runs_leave_no_mounts_on_the_host(runner: Callable[..., Run]) -> None:

@@ -192,6 +192,13 @@ def _validate(spec: RunSpec) -> None:
         raise SandboxError("network=True needs pasta (Debian package passt)")
 
 
+def _harden(spec: RunSpec) -> hardening.Hardening:
+    try:
+        return hardening.prepare(spec.uid, spec.gid)
+    except (OSError, RuntimeError) as e:  # libseccomp missing or unloadable
+        raise SandboxError(f"cannot prepare the seccomp filter: {e}") from e
+
+
 def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
     _validate(spec)
     if not lowers:
@@ -227,7 +234,7 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
         cwd=spec.cwd,
         argv=list(spec.argv),
         env=dict(spec.env),
-        harden=hardening.prepare(spec.uid, spec.gid),
+        harden=_harden(spec),
         lo=lo,
         parent_pid=os.getpid(),
         unshare_flags=_NS_FLAGS,
@@ -510,7 +517,12 @@ class Sandbox:
             except CgroupError as e:
                 raise SandboxError(str(e)) from e
             plan.cgroup_procs = cgroup.procs_files
-        sb = cls(plan, spec, on_output, on_exit)
+        try:
+            sb = cls(plan, spec, on_output, on_exit)
+        except OSError as e:
+            if cgroup is not None:
+                cgroup.remove()
+            raise SandboxError(f"cannot start sandbox: {e}") from e
         sb._cgroup = cgroup
         sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
         sb._thread.start()
@@ -609,21 +621,19 @@ class Sandbox:
                 os.kill(self._intermediate, signal.SIGKILL)
 
     def _io_main(self) -> None:
-        stdin_r, stdin_w = _pipe()
-        out_r, out_w = _pipe()
-        err_r, err_w = _pipe()
-        st_r, st_w = _pipe()
-        child_ends = (stdin_r, out_w, err_w, st_w)
-        go_r, self._netgo_w = _pipe() if self._plan.network else (-1, -1)
+        made: list[int] = []
         try:
+            for _ in range(5 if self._plan.network else 4):
+                made.extend(_pipe())
+            stdin_r, stdin_w, out_r, out_w, err_r, err_w, st_r, st_w = made[:8]
+            go_r, self._netgo_w = (made[8], made[9]) if self._plan.network else (-1, -1)
+            child_ends = (stdin_r, out_w, err_w, st_w)
             self._t0 = time.monotonic()
             pid = os.fork()
-        except BaseException as e:
-            for fd in (*child_ends, stdin_w, out_r, err_r, st_r):
+        except BaseException as e:  # EMFILE, EAGAIN...: start() raises it
+            for fd in made:
                 os.close(fd)
-            self._close_netgo(b"")
-            if go_r >= 0:
-                os.close(go_r)
+            self._netgo_w = -1
             self._spawn_error = e
             self._forked.set()
             return
