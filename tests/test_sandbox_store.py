@@ -24,7 +24,6 @@ from contree_shell.sandbox.store import (
     RunDir,
     Store,
     TagNotFound,
-    TooManyLayers,
     validate_tag,
 )
 
@@ -246,15 +245,21 @@ def test_config_change_alone_makes_new_image_with_same_layers(store: Store, base
     assert not same.changed and same.image == result.image
 
 
-def test_commit_refuses_beyond_the_overlay_layer_limit(store: Store, base: str) -> None:
+def test_commit_at_the_kernel_layer_limit_squashes_the_parent_first(
+    store: Store, base: str
+) -> None:
     layers = [store.get(base).layers[0]] * MAX_LAYERS
     with store._lock:
         deep = store._insert(base, layers, None, {"env": {}, "workdir": None, "user": None})
     assert len(store.layer_paths(deep)) == MAX_LAYERS
     run = store.new_run()
     (run.upper / "new").write_text("x")
-    with pytest.raises(TooManyLayers, match="at most 500"):
-        store.commit(deep, run, operation_uuid=None)
+    child = store.commit(deep, run, operation_uuid=None).image
+    assert len(store.get(deep).layers) <= store.squash_threshold
+    assert len(store.get(child).layers) == len(store.get(deep).layers) + 1
+    assert store.view(child).read("/new") == b"x"
+    assert store.view(child).read("/bin/app") == b"app v1\n"
+    assert store.view(deep).read("/bin/app") == b"app v1\n"
     assert not run.path.exists()
 
 
@@ -413,3 +418,430 @@ def test_force_rmtree_works_unprivileged_on_mode_000_dirs() -> None:
         assert not run.exists()
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- squashing
+
+_OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    names = os.listxattr(path, follow_symlinks=False)
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False)
+        for n in sorted(names)
+        if not n.startswith(_OVERLAY_XATTRS)
+    }
+
+
+def dump(store: Store, uuid: str) -> dict[str, tuple[object, ...]]:
+    """Everything the merged view of the image shows: every path with type, mode, owner,
+    mtime, link target, device, xattrs and file bytes.
+
+    Directory size and link counts are left out: a directory's size and nlink describe
+    one layer's own directory, not the merged view (overlayfs reports nlink 1 for a
+    merged directory), and a file's nlink counts names in its layer, some of which a
+    higher layer may hide (a flattened copy counts only the visible ones). Hardlinks
+    that are visible are checked separately."""
+    view = store.view(uuid)
+    out: dict[str, tuple[object, ...]] = {}
+    for dir_path, entries in view.walk("/"):
+        for e in entries:
+            path = dir_path.rstrip("/") + "/" + e.name
+            body: bytes | None = None
+            if e.is_regular:
+                with open(e.host_path, "rb") as f:
+                    body = f.read()
+            out[path] = (
+                e.mode, e.uid, e.gid, e.mtime, e.symlink_to, e.rdev,
+                None if e.is_dir else e.size, _xattrs(e.host_path), body,
+            )  # fmt: skip
+    return out
+
+
+def _same_dir_as(upper_dir: Path, view_path: str, store: Store, parent: str) -> None:
+    """Create ``upper_dir`` as overlay's copy-up of the lower directory would: same
+    mode, owner and mtime, so it only carries what is put inside it."""
+    st = store.view(parent).stat(view_path)
+    upper_dir.mkdir(exist_ok=True)
+    os.chmod(upper_dir, stat.S_IMODE(st.mode))
+    os.chown(upper_dir, st.uid, st.gid)
+    os.utime(upper_dir, (st.mtime, st.mtime))
+
+
+def build_chain(store: Store, base: str, depth: int) -> list[str]:
+    """``depth`` committed images on top of ``base``, each run's upper written by hand the
+    way overlayfs would: new files of every type, rewrites, whiteouts of files and whole
+    directories, opaque directories, hardlinks, xattrs and owners."""
+    chain = [base]
+    for i in range(1, depth + 1):
+        parent = chain[-1]
+        run = store.new_run(parent)
+        up = run.upper
+        data = up / "data"
+        if i == 1:
+            data.mkdir()
+            os.chmod(data, 0o755)
+            os.utime(data, (1_000_000, 1_000_000))
+        else:
+            _same_dir_as(data, "/data", store, parent)
+        f = data / f"f{i}"
+        f.write_bytes(f"layer {i}\n".encode() * (i % 5 + 1))
+        os.chmod(f, 0o600 + (i % 8) * 0o10)
+        if i % 23 == 0:
+            os.setxattr(f, "user.k", f"v{i}".encode())
+            os.chown(f, 1000 + i, 2000 + i)
+        if i % 13 == 0:
+            os.link(f, data / f"h{i}")
+        if i % 11 == 0:
+            os.symlink(f"f{i}", data / f"l{i}")
+        if i % 17 == 0:
+            os.mkfifo(data / f"p{i}")
+        if i % 19 == 0:
+            os.mknod(data / f"c{i}", stat.S_IFCHR | 0o640, os.makedev(1, 3))
+        if i % 9 == 0 and i > 1:  # rewrite an older file
+            (data / f"f{i - 1}").write_text(f"rewritten by {i}\n")
+        if i % 7 == 0 and i > 3 and (i - 3) % 13 != 0:  # rm an older file
+            os.mknod(data / f"f{i - 3}", stat.S_IFCHR, os.makedev(0, 0))
+        if i % 25 == 0:  # rm -rf /data/sub && mkdir /data/sub
+            sub = data / "sub"
+            sub.mkdir()
+            os.setxattr(sub, "trusted.overlay.opaque", b"y")
+            os.setxattr(sub, "user.dirattr", f"{i}".encode())
+            (sub / f"only{i}").write_text(f"opaque {i}\n")
+            os.utime(sub, (2_000_000 + i, 2_000_000 + i))
+        elif i % 3 == 0:
+            sub = data / "sub"
+            try:
+                _same_dir_as(sub, "/data/sub", store, parent)
+            except PathNotFound:
+                sub.mkdir()
+            (sub / f"s{i}").write_text(f"sub {i}\n")
+        if i % 29 == 5:
+            (up / f"old{i}").mkdir()
+            (up / f"old{i}" / "x").write_text("old\n")
+        if i % 29 == 20:  # rm -rf the dir made 15 layers ago
+            os.mknod(up / f"old{i - 15}", stat.S_IFCHR, os.makedev(0, 0))
+        os.utime(f, (1_500_000 + i, 1_500_000 + i))
+        os.utime(data, (1_000_000, 1_000_000))
+        result = store.commit(parent, run, operation_uuid=f"op-{i}")
+        assert result.changed, i
+        chain.append(result.image)
+    return chain
+
+
+@pytest.fixture
+def small_store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store", squash_threshold=8)
+
+
+def test_squash_of_a_300_layer_chain_keeps_every_image_identical(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", squash_threshold=64)
+    base = store.add_rootfs(make_rootfs(store.make_tmp()), tag="base")
+    chain = build_chain(store, base, 300)
+    assert len(store.get(chain[-1]).layers) == 301
+    before = {uuid: dump(store, uuid) for uuid in chain}
+    # the chain really exercises the merge rules
+    tip = before[chain[-1]]
+    assert "/data/f4" not in tip and "/data/f5" in tip  # whiteout from layer 7
+    assert "/data/old5" not in tip and "/data/old34" not in tip  # whited-out dirs
+    assert sorted(p for p in tip if p.startswith("/data/sub/")) == [
+        "/data/sub/only300"  # opaque at 300 hides every earlier s*/only*
+    ]
+    assert "/data/sub/s27" in before[chain[27]] and "/data/sub/only25" in before[chain[27]]
+    assert "/data/sub/s21" not in before[chain[27]]
+    assert tip["/data/h39"][-1] == tip["/data/f39"][-1] == b"layer 39\n" * 5
+
+    layers_before = {uuid: store.get(uuid).layers for uuid in chain}
+    for uuid in chain:  # oldest first, as the background squasher sees them
+        depth = len(store.get(uuid).layers)
+        assert store.squash(uuid) == (depth > 64)
+    built = [e for e in store.squash_log if e.built]
+    reused = [e for e in store.squash_log if not e.built]
+    assert built and reused and len(built) < 10
+
+    for uuid in chain:
+        rec = store.get(uuid)
+        assert rec.uuid == uuid and len(rec.layers) <= 64
+        assert not store.squash_needed(uuid)
+        assert dump(store, uuid) == before[uuid], uuid
+        if len(layers_before[uuid]) <= 64:  # below the threshold nothing moved
+            assert rec.layers == layers_before[uuid]
+
+    # Every layer is still the top of its own image: history is kept, nothing to free.
+    assert store.gc(min_age=0) == 0
+    kept = chain[::50] + [chain[-1]]
+    for uuid in chain:
+        if uuid not in kept:
+            store.delete_image(uuid)
+    assert store.gc(min_age=0) > 50
+    used = {lid for rec, _ in store.list(limit=1000) for lid in rec.layers}
+    assert set(os.listdir(store.layers_dir)) == used
+    for uuid in kept:
+        assert dump(store, uuid) == before[uuid], uuid
+    view = store.view(chain[-1])
+    assert view.read("/data/f300") == b"layer 300\n" * 1
+    h39, f39 = view.stat("/data/h39"), view.stat("/data/f39")
+    assert os.stat(h39.host_path).st_ino == os.stat(f39.host_path).st_ino  # still linked
+    assert h39.nlink == 2
+    assert view.stat("/data/h26").nlink == 1  # its other name was replaced in layer 27
+    assert view.stat("/data/f299").mode & 0o777 == 0o600 + 3 * 0o10
+    assert stat.S_ISFIFO(view.stat("/data/p289").mode)
+    assert view.stat("/data/c285").rdev == os.makedev(1, 3)
+    assert view.stat("/data/f276").uid == 1276
+
+
+def test_squashed_layer_is_flat_and_has_no_overlay_markers(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 30)
+    small_store.squash(chain[-1])
+    bottom = small_store.layer_paths(chain[-1])[0]
+    for dirpath, dirnames, filenames in os.walk(bottom):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), p  # no whiteouts
+            assert not [n for n in os.listxattr(p, follow_symlinks=False)
+                        if n.startswith(_OVERLAY_XATTRS)], p  # fmt: skip
+    assert stat.S_IMODE(os.stat(bottom / "tmp").st_mode) == 0o1777  # mount points kept
+
+
+def test_branches_sharing_a_prefix_reuse_one_squashed_layer(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    trunk = build_chain(small_store, base, 8)  # 9 layers at the tip: one over
+    branches = []
+    for name in ("a", "b"):
+        run = small_store.new_run(trunk[-1])
+        (run.upper / name).write_text(name)
+        branches.append(small_store.commit(trunk[-1], run, operation_uuid=None).image)
+    assert small_store.squash(branches[0]) and small_store.squash(branches[1])
+    la, lb = small_store.get(branches[0]).layers, small_store.get(branches[1]).layers
+    assert la[0] == lb[0] and la[1:-1] == lb[1:-1] and la[-1] != lb[-1]
+    assert [e.built for e in small_store.squash_log] == [True, False]
+    assert small_store.squash(trunk[-1])  # the trunk tip has the same prefix: reused too
+    assert small_store.get(trunk[-1]).layers[0] == la[0]
+    assert small_store.view(branches[1]).read("/b") == b"b"
+    with pytest.raises(PathNotFound):
+        small_store.view(branches[1]).stat("/a")
+
+
+def test_squash_below_the_threshold_changes_nothing(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 7)
+    assert not small_store.squash_needed(chain[-1])
+    before = small_store.get(chain[-1]).layers
+    assert small_store.squash(chain[-1]) is False
+    assert small_store.get(chain[-1]).layers == before
+    with pytest.raises(ImageNotFound):
+        small_store.squash_needed("nope")
+    assert small_store.squash("nope") is False
+
+
+def test_background_squasher_bounds_the_stack_of_new_commits(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    small_store.start_background_squash()
+    small_store.start_background_squash()  # idempotent
+    try:
+        chain = build_chain(small_store, base, 40)
+        assert small_store.wait_for_squash(timeout=60)
+        for uuid in chain:
+            assert not small_store.squash_needed(uuid), uuid
+        assert small_store.view(chain[-1]).read("/data/f40") == b"layer 40\n"
+    finally:
+        small_store.stop()
+    assert small_store._squasher is None
+
+
+def test_background_squasher_picks_up_deep_images_from_before_start(
+    small_store: Store,
+) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 12)
+    assert small_store.squash_needed(chain[-1])
+    small_store.start_background_squash()
+    try:
+        assert small_store.wait_for_squash(timeout=60)
+    finally:
+        small_store.close()
+    again = Store(small_store.root, squash_threshold=8)
+    assert not any(again.squash_needed(u) for u in chain)
+
+
+def test_env_sets_the_squash_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTREE_SQUASH_THRESHOLD", "12")
+    assert Store(tmp_path / "a").squash_threshold == 12
+    monkeypatch.setenv("CONTREE_SQUASH_THRESHOLD", "100000")
+    assert Store(tmp_path / "b").squash_threshold == MAX_LAYERS - 1
+    monkeypatch.delenv("CONTREE_SQUASH_THRESHOLD")
+    assert Store(tmp_path / "c").squash_threshold == 64
+
+
+# ------------------------------------------------------------------------------ gc
+
+
+def test_gc_keeps_the_layers_a_live_run_mounted(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 9)
+    old = small_store.get(chain[-1]).layers
+    run = small_store.new_run(chain[-1])
+    assert [p.name for p in run.layers] == old
+    small_store.squash(chain[-1])
+    for uuid in chain[:-1]:  # only the tip used the prefix it squashed away? no: share
+        small_store.delete_image(uuid)
+    assert small_store.gc(min_age=0) == 0  # everything the run mounted stays
+    assert all(p.is_dir() for p in run.layers)
+    (run.upper / "new").write_text("n")
+    child = small_store.commit(chain[-1], run, operation_uuid=None).image
+    assert small_store.get(child).layers[:-1] == small_store.get(chain[-1]).layers
+    assert small_store.gc(min_age=0) == len(old) - small_store.squash_keep
+    assert small_store.view(child).read("/new") == b"n"
+    assert dump(small_store, child)["/data/f9"][-1] == b"layer 9\n" * 5
+
+
+def test_gc_waits_for_runs_of_unknown_images_and_the_grace_period(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 3)
+    layers = small_store.layer_paths(chain[-1])  # a reader fetched the list...
+    run = small_store.new_run()  # ...then made its run without saying which image
+    for uuid in chain[1:]:
+        small_store.delete_image(uuid)
+    assert small_store.gc(min_age=0) == 0
+    small_store.discard(run)
+    assert small_store.gc() == 0  # within the grace period
+    assert small_store.gc(min_age=0) == 3
+    assert not any(p.exists() for p in layers[1:]) and layers[0].exists()
+
+
+def test_pin_and_pinned_layers_protect_readers(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 2)
+    with small_store.pinned_layers(chain[-1]) as paths:
+        small_store.delete_image(chain[-1])
+        assert small_store.gc(min_age=0) == 0
+        assert ImageView_read(paths, "/data/f2") == b"layer 2\n" * 3
+        with small_store.pin([paths[-1]]):
+            pass
+    assert small_store.gc(min_age=0) == 1
+
+
+def ImageView_read(paths: list[Path], path: str) -> bytes:  # noqa: N802
+    from contree_shell.sandbox.inspect import ImageView
+
+    return ImageView(paths).read(path)
+
+
+def test_gc_removes_unused_squashed_layers_and_crash_orphans(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    chain = build_chain(small_store, base, 10)
+    small_store.squash(chain[-1])
+    squashed = small_store.get(chain[-1]).layers[0]
+    orphan = small_store.layers_dir / "0123456789ab"
+    orphan.mkdir()
+    assert small_store.gc() == 1 and not orphan.exists()  # never referenced: at once
+    small_store.delete_image(chain[-1])
+    small_store.gc(min_age=0)
+    assert not (small_store.layers_dir / squashed).exists()
+    assert small_store._db.execute("SELECT count(*) FROM squashes").fetchone()[0] == 0
+    with pytest.raises(ImageNotFound):
+        small_store.delete_image(chain[-1])
+    assert small_store.view(chain[-2]).read("/data/f9") == b"layer 9\n" * 5
+
+
+def test_delete_image_removes_its_tags(store: Store, base: str) -> None:
+    store.delete_image(base)
+    with pytest.raises(TagNotFound):
+        store.resolve_tag("base:latest")
+    assert store.list() == []
+    store.gc(min_age=0)
+    assert os.listdir(store.layers_dir) == []
+
+
+# ----------------------------------------------------------------- multi-layer import
+
+
+def _layer(root: Path, files: dict[str, str | None]) -> Path:
+    """A converted layer dir: ``None`` values become whiteouts, names ending in '/'
+    directories."""
+    root.mkdir()
+    for rel, content in files.items():
+        p = root / rel.rstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("/"):
+            p.mkdir(exist_ok=True)
+        elif content is None:
+            os.mknod(p, stat.S_IFCHR, os.makedev(0, 0))
+        else:
+            p.write_text(content)
+    return root
+
+
+def test_add_layers_imports_a_stack_with_mount_points_on_top(store: Store, tmp_path: Path) -> None:
+    bottom = _layer(tmp_path / "l0", {
+        "etc/hosts": "127.0.0.1 localhost\n", "etc/hostname": "img\n", "etc/os": "v1\n",
+        "tmp/junk": "j", "proc/": "", "dev/": "", "sys/": "", "bin/app": "app\n",
+    })  # fmt: skip
+    middle = _layer(tmp_path / "l1", {"etc/hostname": None, "etc/os": "v2\n", "tmp": None})
+    for layer in (bottom, middle):
+        os.chmod(layer / "etc", 0o750)
+        os.utime(layer / "etc", (1_234_567, 1_234_567))
+    top = _layer(tmp_path / "l2", {"srv/data": "d\n"})
+    uuid = store.add_layers([bottom, top.parent / "l1", top], tag="img:1",
+                            config={"env": {"A": "1"}}, operation_uuid="op",
+                            source_digest="sha256:abc")  # fmt: skip
+    assert not bottom.exists() and not middle.exists() and not top.exists()
+    rec = store.get(uuid)
+    assert len(rec.layers) == 3 and rec.tags == ["img:1"] and rec.source_digest == "sha256:abc"
+    assert rec.config["env"] == {"A": "1"} and rec.operation_uuid == "op"
+    view = store.view(uuid)
+    assert view.read("/etc/hosts") == b"127.0.0.1 localhost\n"  # kept from the bottom
+    assert view.read("/etc/hostname") == b""  # recreated above the whiteout
+    assert view.read("/etc/os") == b"v2\n"
+    assert [e.name for e in view.listdir("/tmp")[1]] == []  # the old /tmp stays hidden
+    assert stat.S_IMODE(view.stat("/tmp").mode) == 0o1777
+    etc = view.stat("/etc")
+    assert stat.S_IMODE(etc.mode) == 0o750 and etc.mtime == 1_234_567  # copied up as is
+    top_layer = store.layer_paths(uuid)[-1]
+    assert (top_layer / "etc/hostname").is_file() and (top_layer / "tmp").is_dir()
+    assert not (top_layer / "proc").exists()  # already in the merged view
+    assert not (top_layer / "etc/hosts").exists()
+
+
+def test_find_by_digest_and_reimport_keep_the_uuid(store: Store, tmp_path: Path) -> None:
+    assert store.find_by_digest("sha256:x") is None
+    first = store.add_layers([_layer(tmp_path / "a", {"f": "1"})], tag="x:1", config=None,
+                             operation_uuid=None, source_digest="sha256:x")  # fmt: skip
+    assert store.find_by_digest("sha256:x") == first
+    again_dir = _layer(tmp_path / "b", {"f": "1"})
+    again = store.add_layers([again_dir], tag="x:latest", config=None, operation_uuid=None,
+                             source_digest="sha256:x")  # fmt: skip
+    assert again == first and not again_dir.exists()
+    assert store.get(first).tags == ["x:1", "x:latest"]
+    assert len(os.listdir(store.layers_dir)) == 1
+    other = store.add_layers([_layer(tmp_path / "c", {"f": "2"})], tag=None, config=None,
+                             operation_uuid=None, source_digest=None)  # fmt: skip
+    assert other != first and store.get(other).source_digest is None
+
+
+def test_add_layers_beyond_the_kernel_limit_is_squashed_at_once(
+    small_store: Store, tmp_path: Path
+) -> None:
+    dirs = [_layer(tmp_path / f"l{i}", {f"f{i}": str(i)}) for i in range(MAX_LAYERS + 5)]
+    uuid = small_store.add_layers(dirs, tag=None, config=None, operation_uuid=None,
+                                  source_digest=None)  # fmt: skip
+    assert len(small_store.get(uuid).layers) <= 8
+    assert small_store.view(uuid).read(f"/f{MAX_LAYERS + 4}") == str(MAX_LAYERS + 4).encode()
+    assert small_store.view(uuid).read("/f0") == b"0"
+
+
+def test_add_layers_rejects_bad_input_before_moving_anything(
+    store: Store, tmp_path: Path
+) -> None:
+    d = _layer(tmp_path / "a", {"f": "1"})
+    with pytest.raises(InvalidTag):
+        store.add_layers([d], tag="-bad", config=None, operation_uuid=None, source_digest=None)
+    with pytest.raises(ValueError):
+        store.add_layers([], tag=None, config=None, operation_uuid=None, source_digest=None)
+    with pytest.raises(FileNotFoundError):
+        store.add_layers([d, tmp_path / "missing"], tag=None, config=None,
+                         operation_uuid=None, source_digest=None)  # fmt: skip
+    assert store.list() == [] and os.listdir(store.layers_dir) == []

@@ -316,18 +316,21 @@ def _ensure_mount_points_on_top(layers: builtins.list[Path]) -> None:
             # Whatever lower layers hold under this name must stay hidden.
             os.setxattr(top / name, "trusted.overlay.opaque", b"y")
     etc = merged("/etc")
+    copied_up = False
     for name in ("hostname", "hosts", "resolv.conf"):
         cur = merged("/etc/" + name)
         if cur is not None and cur.is_regular:
             continue
         if not (top / "etc").is_dir() and etc is not None and etc.host_path:
             (top / "etc").mkdir()
-            snapshot.copy_metadata(etc.host_path, os.fspath(top / "etc"),
-                                   os.lstat(etc.host_path))  # fmt: skip
+            copied_up = True
         clear_top(f"etc/{name}")
         p = top / "etc" / name
         p.touch()
         os.chmod(p, 0o644)
+    if copied_up and etc is not None:
+        # After the files: creating them bumped the directory's mtime.
+        snapshot.copy_metadata(etc.host_path, os.fspath(top / "etc"), os.lstat(etc.host_path))
 
 
 class Store:
