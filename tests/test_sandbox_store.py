@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from contree_shell.sandbox.bootstrap import build_busybox_rootfs
+from contree_shell.sandbox.inspect import ImageView
 from contree_shell.sandbox.store import (
     MAX_LAYERS,
     ImageNotFound,
@@ -570,7 +571,7 @@ def test_squash_of_a_300_layer_chain_keeps_every_image_identical(tmp_path: Path)
 
     # Every layer is still the top of its own image: history is kept, nothing to free.
     assert store.gc(min_age=0) == 0
-    kept = chain[::50] + [chain[-1]]
+    kept = [*chain[::50], chain[-1]]
     for uuid in chain:
         if uuid not in kept:
             store.delete_image(uuid)
@@ -718,16 +719,10 @@ def test_pin_and_pinned_layers_protect_readers(small_store: Store) -> None:
     with small_store.pinned_layers(chain[-1]) as paths:
         small_store.delete_image(chain[-1])
         assert small_store.gc(min_age=0) == 0
-        assert ImageView_read(paths, "/data/f2") == b"layer 2\n" * 3
+        assert ImageView(paths).read("/data/f2") == b"layer 2\n" * 3
         with small_store.pin([paths[-1]]):
             pass
     assert small_store.gc(min_age=0) == 1
-
-
-def ImageView_read(paths: list[Path], path: str) -> bytes:  # noqa: N802
-    from contree_shell.sandbox.inspect import ImageView
-
-    return ImageView(paths).read(path)
 
 
 def test_gc_removes_unused_squashed_layers_and_crash_orphans(small_store: Store) -> None:
@@ -833,9 +828,7 @@ def test_add_layers_beyond_the_kernel_limit_is_squashed_at_once(
     assert small_store.view(uuid).read("/f0") == b"0"
 
 
-def test_add_layers_rejects_bad_input_before_moving_anything(
-    store: Store, tmp_path: Path
-) -> None:
+def test_add_layers_rejects_bad_input_before_moving_anything(store: Store, tmp_path: Path) -> None:
     d = _layer(tmp_path / "a", {"f": "1"})
     with pytest.raises(InvalidTag):
         store.add_layers([d], tag="-bad", config=None, operation_uuid=None, source_digest=None)
