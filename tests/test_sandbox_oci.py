@@ -19,6 +19,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 import warnings
@@ -513,16 +514,42 @@ def test_unsupported_layer_media_type_fails(tmp_path: Path, image: Image) -> Non
         import_reference(f"oci:{layout}", tmp_path / "work")
 
 
-def test_zstd_layer_without_zstandard_is_a_clear_error(tmp_path: Path) -> None:
-    try:
-        import zstandard  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("zstandard is installed")
-    with pytest.raises(ImportFailed, match="zstandard"):
+def test_zstd_layer_without_zstandard_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
+    with pytest.raises(ImportFailed, match="install the 'zstandard' Python package"):
         convert_layer(
             io.BytesIO(b"\x28\xb5\x2f\xfd" + b"\0" * 16), tmp_path / "l", compression="zstd"
+        )
+
+
+def test_zstd_layers_convert_when_zstandard_is_installed(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    tars = base_layers()
+    image = build_image(tars)
+    manifest = json.loads(image.manifest)
+    blobs = {k: v for k, v in image.blobs.items() if k != image.digest}
+    for desc, tar in zip(manifest["layers"], tars, strict=True):
+        del blobs[desc["digest"]]
+        blob = zstandard.ZstdCompressor().compress(tar)
+        blobs[sha(blob)] = blob
+        desc.update(
+            mediaType="application/vnd.oci.image.layer.v1.tar+zstd",
+            digest=sha(blob),
+            size=len(blob),
+        )
+    raw = json.dumps(manifest).encode()
+    blobs[sha(raw)] = raw
+    layout = write_layout(tmp_path / "layout", blobs, raw, OCI_MANIFEST, "v1")
+    check_base_image(import_reference(f"oci:{layout}:v1", tmp_path / "work"))
+
+
+def test_corrupt_zstd_layer_is_a_bad_archive(tmp_path: Path) -> None:
+    pytest.importorskip("zstandard")
+    with pytest.raises(ImportFailed, match="bad layer archive"):
+        convert_layer(
+            io.BytesIO(b"\x28\xb5\x2f\xfd" + b"garbage" * 10), tmp_path / "l", compression="zstd"
         )
 
 

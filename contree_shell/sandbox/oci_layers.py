@@ -458,8 +458,9 @@ def convert_layer(
                 raise ImportFailed(f"bad layer archive: {exc}") from None
             except ImportFailed:
                 raise
-            except OSError as exc:
-                if type(exc).__module__.startswith("zstandard") or "zstd" in str(exc).lower():
+            except Exception as exc:
+                # zstandard.ZstdError is a plain Exception from an optional module.
+                if type(exc).__module__.startswith("zstandard"):
                     raise ImportFailed(f"bad layer archive: {exc}") from None
                 raise
             if diff_id is not None and hashed.digest() != diff_id:
