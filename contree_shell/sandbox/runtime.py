@@ -73,6 +73,7 @@ PASTA = shutil.which("pasta")
 NETWORK_SUPPORTED = PASTA is not None
 PASTA_DNS = "169.254.1.1"
 _EXEC_STAGE = b"exec"
+_INIT_NAME = sc.make_name_buffer(b"contree-init")  # what `ps` in the sandbox shows as pid 1
 # Mount points the runtime covers. A scaffold layer at the bottom of every overlay
 # provides them, so an image that lacks one still needs no write into upper.
 _SCAFFOLD_DIRS = ("proc", "sys", "dev", "etc", "tmp")
@@ -345,6 +346,7 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
     stage = b"pid1"
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        sc.set_process_name(_INIT_NAME)
         os.set_blocking(alive_r, False)
         try:
             if os.read(alive_r, 1) == b"":

@@ -178,6 +178,19 @@ def pidfd_open(pid: int) -> int:
     return _check(_syscall(NR_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0)))
 
 
+PR_SET_NAME = 15
+
+
+def make_name_buffer(name: bytes) -> ctypes.Array[ctypes.c_char]:
+    """A NUL-terminated buffer for :func:`set_process_name` (at most 15 bytes kept)."""
+    return ctypes.create_string_buffer(name[:15], 16)
+
+
+def set_process_name(buf: ctypes.Array[ctypes.c_char]) -> None:
+    """prctl(PR_SET_NAME): the name ps and /proc/PID/comm show."""
+    _check(_prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0))
+
+
 def sethostname(name: bytes) -> None:
     """sethostname(2) (of the current UTS namespace)."""
     _check(_sethostname(name, len(name)))
