@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -838,3 +842,97 @@ def test_add_layers_rejects_bad_input_before_moving_anything(store: Store, tmp_p
         store.add_layers([d, tmp_path / "missing"], tag=None, config=None,
                          operation_uuid=None, source_digest=None)  # fmt: skip
     assert store.list() == [] and os.listdir(store.layers_dir) == []
+
+
+# --------------------------------------------------------------------- crash safety
+
+CRASH_POINTS = [
+    "commit:before-rename",
+    "commit:renamed",
+    "squash:copying",
+    "squash:built",
+    "squash:renamed",
+    "add_layers:renamed",
+]
+
+
+def _crash_child(root: str, point: str, image: str, imports: str, reached: Any) -> None:
+    """Runs in a forked child: do one store operation and stop dead at ``point``."""
+    store = Store(Path(root), squash_threshold=8)
+
+    def hook(at: str) -> None:
+        if at == point:
+            reached.set()
+            time.sleep(3600)  # the parent SIGKILLs us here
+
+    store._hook = hook
+    action = point.split(":")[0]
+    if action == "commit":
+        run = store.new_run(image)
+        (run.upper / "crash").write_text("x")
+        store.commit(image, run, operation_uuid=None)
+    elif action == "squash":
+        store.squash(image)
+    else:
+        dirs = [Path(imports) / n for n in sorted(os.listdir(imports))]
+        store.add_layers(dirs, tag="imported", config=None, operation_uuid=None,
+                         source_digest="sha256:crash")  # fmt: skip
+    os._exit(0)
+
+
+def _unreferenced(store: Store) -> set[str]:
+    used = {lid for rec, _ in store.list(limit=100000) for lid in rec.layers}
+    return set(os.listdir(store.layers_dir)) - used
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_9_at_a_critical_point_leaves_every_image_readable(tmp_path: Path, point: str) -> None:
+    root = tmp_path / "store"
+    store = Store(root, squash_threshold=8)
+    base = store.add_rootfs(make_rootfs(store.make_tmp()), tag="base")
+    chain = build_chain(store, base, 12)
+    before = {uuid: dump(store, uuid) for uuid in chain}
+    layers_before = {uuid: store.get(uuid).layers for uuid in chain}
+    imports = tmp_path / "imports"
+    imports.mkdir()
+    for i in range(3):
+        _layer(imports / f"l{i}", {f"f{i}": str(i), "etc/": ""})
+    store.close()
+
+    ctx = multiprocessing.get_context("fork")
+    reached = ctx.Event()
+    child = ctx.Process(target=_crash_child,
+                        args=(str(root), point, chain[-1], str(imports), reached))  # fmt: skip
+    child.start()
+    try:
+        assert reached.wait(60), "the child never reached the crash point"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+
+    again = Store(root, squash_threshold=8)
+    # The crash really left something half-done behind...
+    leftovers = _unreferenced(again) or set(os.listdir(again.tmp_dir))
+    leftovers |= set(os.listdir(again.runs_dir))
+    assert leftovers, point
+    # ...and no image saw it, before or after recovery.
+    for uuid in chain:
+        assert again.get(uuid).layers == layers_before[uuid]
+    again.recover()
+    assert os.listdir(again.tmp_dir) == [] and os.listdir(again.runs_dir) == []
+    assert _unreferenced(again) == set()
+    for rec, _ in again.list(limit=1000):
+        dump(again, rec.uuid)  # every listed image reads
+    for uuid in chain:
+        assert dump(again, uuid) == before[uuid], uuid
+    rows = again._db.execute("SELECT layer FROM squashes").fetchall()
+    assert all((again.layers_dir / lid).is_dir() for (lid,) in rows)
+    # The store carries on: the interrupted operation can simply be redone.
+    assert again.squash(chain[-1])
+    assert dump(again, chain[-1]) == before[chain[-1]]
+    run = again.new_run(chain[-1])
+    (run.upper / "after").write_text("y")
+    assert (
+        again.view(again.commit(chain[-1], run, operation_uuid=None).image).read("/after") == b"y"
+    )
