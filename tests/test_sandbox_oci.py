@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -1094,3 +1095,36 @@ def test_implicit_parent_dirs_are_0755_whatever_the_umask(tmp_path: Path) -> Non
     assert stat.S_IMODE(lst(dest / "deep").st_mode) == 0o755
     assert stat.S_IMODE(lst(dest / "deep/er").st_mode) == 0o755
     assert stat.S_IMODE(lst(dest / "deep/er/file").st_mode) == 0o644
+
+
+def test_pull_progress_is_throttled_per_layer(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contree_shell.sandbox.oci_registry as oci_registry
+
+    big = make_tar([f("blob", os.urandom(6_000_000))])  # incompressible: ~6 chunks of 1 MiB
+    image = build_image([big])
+    registry.push("test/big", "v1", image.manifest, OCI_MANIFEST, image.blobs)
+
+    class Clock:
+        """Each look at the clock is 0.3 s later: throttling decides, not real time."""
+
+        now = 0.0
+
+        def monotonic(self) -> float:
+            self.now += 0.3
+            return self.now
+
+    monkeypatch.setattr(oci_registry, "time", Clock())
+    lines: list[str] = []
+    import_reference(f"docker://{registry.url}/test/big:v1", tmp_path / "w", progress=lines.append)
+    pulling = [line for line in lines if line.startswith("pulling ")]
+    assert pulling, lines
+    for line in pulling:
+        assert re.fullmatch(r"pulling sha256:[0-9a-f]{12}… \d+\.\d MB/6\.\d MB", line), line
+    # one line at most every 0.5 s of (fake) time: every other chunk here
+    assert 2 <= len(pulling) <= 4, pulling
+    assert [line for line in lines if line.startswith("layer ")] == [
+        f"layer 1/1 sha256:{json.loads(image.manifest)['layers'][0]['digest'][7:19]}… done "
+        "(6.0 MB unpacked)"
+    ]
