@@ -219,3 +219,131 @@ def test_real_overlay_upper_is_pruned_to_what_changed(
     up = _overlay(lower, tmp_path, script)
     prune(up, ImageView([lower]))
     assert (not is_empty(up)) == changed, tree(up)
+
+
+# ------------------------------------------------------------------------ flatten
+
+_TREE_SCRIPT = r"""
+import hashlib, json, os, stat, sys
+root = sys.argv[1]
+out = {}
+for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+        p = os.path.join(dirpath, name)
+        st = os.lstat(p)
+        xattrs = {n: os.getxattr(p, n, follow_symlinks=False).hex()
+                  for n in sorted(os.listxattr(p, follow_symlinks=False))
+                  if not n.startswith(("trusted.overlay.", "user.overlay."))}
+        body = None
+        if stat.S_ISREG(st.st_mode):
+            body = hashlib.sha256(open(p, "rb").read()).hexdigest()
+        out[os.path.relpath(p, root)] = [
+            st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_rdev,
+            os.readlink(p) if stat.S_ISLNK(st.st_mode) else "", xattrs, body,
+            None if stat.S_ISDIR(st.st_mode) else st.st_size,
+        ]
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def _tree(root: Path) -> dict[str, list[object]]:
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TREE_SCRIPT, str(root)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def _overlay_tree(layers: list[Path], mnt: Path) -> dict[str, list[object]]:
+    """The merged view as the kernel shows it (read-only overlay, private mount ns)."""
+    import json
+    import sys
+
+    lowers = ":".join(str(p) for p in reversed(layers))
+    mnt.mkdir()
+    out = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f'mount -t overlay overlay -o ro,lowerdir={lowers} {mnt} && '
+         f'exec "{sys.executable}" -c "$0" {mnt}', _TREE_SCRIPT],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def test_flatten_copies_the_merged_view_exactly_as_overlayfs_shows_it(tmp_path: Path) -> None:
+    l0, l1, l2 = (tmp_path / n for n in ("l0", "l1", "l2"))
+    # bottom: every file type, owners, modes, xattrs, a hardlink pair
+    f = write(l0, "etc/passwd", "root\n", 0o644)
+    os.chown(f, 12, 34)
+    os.setxattr(f, "user.note", b"kept")
+    os.setxattr(f, "security.capability", bytes.fromhex("0100000200200000000000000000000000000000"))
+    s = write(l0, "bin/suid", "x", 0o755)
+    os.chown(s, 0, 50)
+    os.chmod(s, 0o4755)  # after chown: chown clears set-id bits
+    write(l0, "bin/tool", "tool", 0o755)
+    os.link(l0 / "bin/tool", l0 / "bin/tool-alias")
+    os.symlink("tool", l0 / "bin/link")
+    os.mknod(l0 / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(l0 / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    os.mkfifo(l0 / "fifo", 0o640)
+    os.mknod(l0 / "sock", stat.S_IFSOCK | 0o755)
+    write(l0, "old/a", "a")
+    write(l0, "opq/gone", "hidden by opaque")
+    write(l0, "del", "deleted above")
+    # middle: whiteouts (file and dir), opaque dir, rewrite, new dir with metadata
+    write(l1, "etc/passwd", "root\nuser\n", 0o600)
+    os.mknod(l1 / "del", stat.S_IFCHR, os.makedev(0, 0))
+    os.mknod(l1 / "old", stat.S_IFCHR, os.makedev(0, 0))
+    (l1 / "opq").mkdir()
+    os.setxattr(l1 / "opq", "trusted.overlay.opaque", b"y")
+    write(l1, "opq/new", "new")
+    os.setxattr(l1 / "etc", "trusted.overlay.origin", b"\x00junk")
+    (l1 / "srv").mkdir(mode=0o750)
+    os.setxattr(l1 / "srv", "user.dir", b"d")
+    # top: re-create the whited-out name as a dir, plus a fresh file
+    (l2 / "old").mkdir(parents=True)
+    os.setxattr(l2 / "old", "trusted.overlay.opaque", b"y")
+    write(l2, "old/b", "b")
+    write(l2, "top", "t")
+    for n, d in enumerate([l0 / "etc", l1 / "etc", l1 / "srv", l2 / "old", l0 / "bin"]):
+        os.utime(d, ns=(1_000_000_000 + n, 2_000_000_000 + n))
+    os.utime(l0 / "bin/link", ns=(5, 6), follow_symlinks=False)
+    layers = [l0, l1, l2]
+
+    dest = tmp_path / "flat"
+    dest.mkdir()
+    from contree_shell.sandbox.snapshot import flatten
+
+    seen: list[int] = []
+    stats = flatten(layers, dest, on_entry=lambda st: seen.append(st.entries))
+    assert stats.entries == len(seen) == len(_tree(dest))
+    assert stats.bytes > 0
+    assert _tree(dest) == _overlay_tree(layers, tmp_path / "mnt")
+    assert os.stat(dest / "bin/tool").st_ino == os.stat(dest / "bin/tool-alias").st_ino
+    for dirpath, dirnames, filenames in os.walk(dest):  # no overlay bookkeeping left
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            assert not [x for x in os.listxattr(p, follow_symlinks=False)
+                        if x.startswith("trusted.overlay.")], p  # fmt: skip
+            st = os.lstat(p)
+            assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), p
+    assert sorted(os.listdir(dest / "opq")) == ["new"]
+    assert sorted(os.listdir(dest / "old")) == ["b"]
+
+
+def test_flatten_resolves_oci_style_whiteouts(tmp_path: Path) -> None:
+    from contree_shell.sandbox.snapshot import flatten
+
+    l0, l1 = tmp_path / "l0", tmp_path / "l1"
+    write(l0, "a/x", "x")
+    write(l0, "a/y", "y")
+    write(l0, "b/z", "z")
+    write(l1, "a/.wh.x")
+    write(l1, "b/.wh..wh..opq")
+    write(l1, "b/w", "w")
+    dest = tmp_path / "flat"
+    dest.mkdir()
+    flatten([l0, l1], dest)
+    assert sorted(os.listdir(dest / "a")) == ["y"]
+    assert sorted(os.listdir(dest / "b")) == ["w"]
