@@ -146,7 +146,7 @@ def _timeout(sh: ShellContext, call: Builtin) -> int:
     if seconds is None or not call.raw:
         output.error("Usage: timeout DURATION CMD…")
         return 2
-    return int(run_line(sh.ctx, call.raw, shell=True, timeout=seconds))
+    return int(run_line(sh.ctx, call.raw, shell=True, timeout=seconds, stdin=sh.remote_stdin()))
 
 
 # -- the shell itself ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,13 @@ class ShellContext:
     previous_cwd: str = "/"
     last: LastRun = field(default_factory=LastRun)
     history: Any = None  # state.history.ShellHistory or None when history is unavailable
+    # Interactive shells forward what is typed while a command runs (a fresh source per
+    # run); scripts give commands no stdin (the script itself was read up front).
+    stdin_source: Callable[[], Any] | None = None
+
+    def remote_stdin(self) -> Any:
+        """The stdin source for one remote command, or None for none."""
+        return self.stdin_source() if self.stdin_source is not None else None
 
     @property
     def key(self) -> str:

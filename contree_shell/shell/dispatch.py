@@ -44,7 +44,7 @@ def dispatch(sh: ShellContext, route: Route) -> int:
     if isinstance(route, RemoteShell):
         from contree_shell.cli.run import run_line
 
-        return int(run_line(sh.ctx, route.line, shell=True))
+        return int(run_line(sh.ctx, route.line, shell=True, stdin=sh.remote_stdin()))
     raise TypeError(f"unknown route {route!r}")
 
 

@@ -60,6 +60,13 @@ def ensure_image(sh: ShellContext, image: str | None) -> int:
     return status
 
 
+def _terminal_stdin() -> Any:
+    """Lines typed while a remote command runs go to its stdin (Ctrl-D sends EOF)."""
+    from contree_shell.client.stdin import stdin_for_fd
+
+    return stdin_for_fd(0, interactive=True)
+
+
 def _open_history(sh: ShellContext) -> Any:
     """The session's persistent shell history, or None when the state DB is unusable."""
     try:
@@ -252,4 +259,9 @@ def main(ctx: Any, *, image: str | None = None, stdin: IO[str] | None = None) ->
     if not interactive:
         return run_script(sh, stream)
     sh.history = _open_history(sh)
+    sh.stdin_source = _terminal_stdin
+    try:
+        sh.ctx.client  # noqa: B018 - create it (and start the local server) on this thread
+    except Exception:
+        log.debug("client not available yet", exc_info=True)  # the first command says why
     return Repl(sh).run()
