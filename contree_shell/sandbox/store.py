@@ -970,6 +970,13 @@ class Store:
                 os.chmod(d, 0o755)
             with self._lock:
                 ids: builtins.list[str] = []
+                twin = self.find_by_digest(source_digest) if source_digest else None
+                if twin is not None:  # a concurrent import of the same image won
+                    for d in staged:
+                        force_rmtree(d)
+                    if tag is not None:
+                        self.set_tag(twin, tag)
+                    return twin
                 try:
                     for d in staged:
                         lid = self._new_layer_id()
@@ -1090,6 +1097,7 @@ class Squasher:
         self._queued: set[str] = set()
         self._cond = threading.Condition()
         self._pending = 0
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="store-squash", daemon=True)
 
     def start(self) -> None:
@@ -1111,7 +1119,9 @@ class Squasher:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the squash in progress, drop the rest of the queue, end the thread."""
+        """Finish the squash in progress, drop the rest of the queue, end the thread.
+        (Dropped images are found again by the next start_background_squash.)"""
+        self._stopping.set()
         self._queue.put(None)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -1124,7 +1134,7 @@ class Squasher:
             except queue.Empty:
                 self._maybe_gc()
                 continue
-            if uuid is None:
+            if uuid is None or self._stopping.is_set():
                 with self._cond:
                     self._pending = 0
                     self._queued.clear()
