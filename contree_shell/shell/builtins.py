@@ -171,7 +171,14 @@ def _history(sh: ShellContext, call: Builtin) -> int:
 
 @builtin("clear", "clear the screen")
 def _clear(sh: ShellContext, call: Builtin) -> int:
-    output.write_stdout(b"\x1b[2J\x1b[H")
+    import sys
+
+    # Screen control belongs to prompt_toolkit (it knows the terminal); in a script
+    # there is no screen to clear.
+    if sys.stdout.isatty():
+        from prompt_toolkit.shortcuts import clear
+
+        clear()
     return 0
 
 
