@@ -10,7 +10,7 @@ from contree_shell.output import get_output, set_output
 from contree_shell.shell.fresh_line import LineTrackingOutput, ensure_fresh_line
 from contree_shell.shell.prompt import prompt_message
 from contree_shell.shell.status import Snapshot
-from contree_shell.shell.toolbar import format_duration, toolbar_tokens
+from contree_shell.shell.toolbar import format_duration, toolbar_tokens, toolbar_visible
 
 
 def snap(**changes: object) -> Snapshot:
@@ -60,3 +60,11 @@ def test_fresh_line_after_output_without_a_newline() -> None:
         assert err.getvalue() == "\n"
     finally:
         set_output(previous)
+
+
+def test_toolbar_visibility_modes() -> None:
+    assert toolbar_visible("always", "", False)
+    assert not toolbar_visible("typing", "", False)
+    assert toolbar_visible("typing", "ec", False)
+    assert toolbar_visible("typing", "", True)
+    assert not toolbar_visible("off", "ec", True)

@@ -132,17 +132,11 @@ def test_prompt_shows_branch_cwd_and_a_failed_status(shell: ShellContext) -> Non
     assert to_plain_text(prompt_message(take_snapshot(shell))) == "[1] (main) / $ "
 
 
-def test_toolbar_shows_while_typing_and_hides_on_an_idle_prompt(
+
+def test_toolbar_is_hidden_on_an_idle_prompt_by_default(
     shell: ShellContext, pipe: PipeInput
 ) -> None:
     from contree_shell.shell.settings import ShellSettings
 
-    repl = Repl(shell, settings=ShellSettings(toolbar="typing"))
-    assert repl.session.bottom_toolbar is None
-    repl.session.default_buffer.insert_text("ec")
-    assert repl.session.bottom_toolbar is not None
-    always = Repl(shell, settings=ShellSettings(toolbar="always"))
-    assert always.session.bottom_toolbar is not None
-    off = Repl(shell, settings=ShellSettings(toolbar="off"))
-    off.session.default_buffer.insert_text("ec")
-    assert off.session.bottom_toolbar is None
+    assert Repl(shell, settings=ShellSettings(toolbar="typing")).session.bottom_toolbar is None
+    assert Repl(shell, settings=ShellSettings(toolbar="always")).session.bottom_toolbar is not None

@@ -38,7 +38,7 @@ from contree_shell.shell.router import Incomplete, ParseError, classify, split_c
 from contree_shell.shell.settings import ShellSettings, load_settings
 from contree_shell.shell.status import ImageLabels, Snapshot, take_snapshot
 from contree_shell.shell.style import style_factory
-from contree_shell.shell.toolbar import toolbar_tokens
+from contree_shell.shell.toolbar import toolbar_tokens, toolbar_visible
 
 __all__ = ["Repl", "main", "run_script"]
 
@@ -176,11 +176,9 @@ class Repl:
         return prompt_message(self.snapshot)
 
     def _toolbar_visible(self) -> bool:
-        mode = self.settings.toolbar
-        if mode == "typing":
-            buffer = self.session.default_buffer
-            return bool(buffer.text) or buffer.complete_state is not None
-        return mode == "always"
+        buffer = self.session.default_buffer
+        return toolbar_visible(self.settings.toolbar, buffer.text,
+                               buffer.complete_state is not None)
 
     def _toolbar(self) -> FormattedText:
         return toolbar_tokens(self.snapshot, self.labels.label(self.snapshot.image))

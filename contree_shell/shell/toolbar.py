@@ -6,7 +6,14 @@ from prompt_toolkit.formatted_text import FormattedText
 
 from contree_shell.shell.status import Snapshot
 
-__all__ = ["format_duration", "toolbar_tokens"]
+__all__ = ["format_duration", "toolbar_tokens", "toolbar_visible"]
+
+
+def toolbar_visible(mode: str, text: str, completing: bool) -> bool:
+    """Whether the toolbar shows: `always`, never (`off`), or while editing (`typing`)."""
+    if mode == "typing":
+        return bool(text) or completing
+    return mode == "always"
 
 
 def format_duration(seconds: float) -> str:
