@@ -17,6 +17,7 @@ import re
 import shutil
 import signal as signal_mod
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -490,10 +491,12 @@ class InstanceManager:
             if run.sandbox is None:
                 run.pending_signal = sig
                 return
-            try:
-                run.sandbox.signal(sig)
-            except ProcessLookupError as exc:
-                raise RequestError(404, f"no live process with spid {spid}") from exc
+            sandbox = run.sandbox
+        _wait_until_exec(sandbox)
+        try:
+            sandbox.signal(sig)
+        except ProcessLookupError as exc:
+            raise RequestError(404, f"no live process with spid {spid}") from exc
 
     def write_stdin(self, op_uuid: str, spid: int, data: bytes, close: bool) -> None:
         """Deliver stdin to spid 1 (blocking until written); 409 closed, 410 finished."""
@@ -683,9 +686,10 @@ class InstanceManager:
                     },
                     1,
                 )
-                if run.pending_signal is not None:
-                    sandbox.signal(run.pending_signal)
             run.started.set()
+            if run.pending_signal is not None:
+                _wait_until_exec(sandbox)
+                sandbox.signal(run.pending_signal)
             self._feed_initial_stdin(run, stdin_data, stdin["close"])
             info = sandbox.wait()
             with run.lock:
@@ -853,6 +857,36 @@ class InstanceManager:
             os.chown(tmp, spec["uid"], spec["gid"])
             os.chmod(tmp, parse_mode(spec["mode"]))
             os.replace(tmp, dest)
+
+
+def _wait_until_exec(sandbox: Any, limit: float = 2.0) -> None:
+    """Wait until the command has called setsid() and exec'd, so a signal reaches it.
+
+    The runtime reports the command's pid as soon as pid 1 forks it; a signal sent
+    before the child's setsid() finds no process group and is lost, and one sent
+    before exec hits the half-set-up child. Until the runtime reports "exec done"
+    itself, look at the child through /proc: its own process group, and a name
+    other than pid 1's ("contree-init"), which it keeps until exec.
+    """
+    pid1 = int(getattr(sandbox, "_pid1", 0) or 0)
+    if not pid1:
+        return
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not sandbox.done():
+        try:
+            with open(f"/proc/{pid1}/task/{pid1}/children") as fh:
+                children = fh.read().split()
+            if children:
+                child = children[0]
+                with open(f"/proc/{child}/comm") as fh:
+                    comm = fh.read().strip()
+                with open(f"/proc/{child}/stat") as fh:
+                    pgrp = int(fh.read().rsplit(")", 1)[1].split()[2])
+                if comm != "contree-init" and pgrp == int(child):
+                    return
+        except (OSError, ValueError, IndexError):
+            return
+        time.sleep(0.002)  # no event exists for "exec done"; bounded, rare (signals only)
 
 
 def _resolve_in_image(view: Any, upper: Path, path: str) -> str:
