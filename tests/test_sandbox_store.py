@@ -703,6 +703,38 @@ def test_gc_keeps_the_layers_a_live_run_mounted(small_store: Store) -> None:
     assert dump(small_store, child)["/data/f9"][-1] == b"layer 9\n" * 5
 
 
+def test_a_live_sandbox_keeps_reading_its_layers_through_squash_and_gc(
+    small_store: Store,
+) -> None:
+    from contree_shell.sandbox.runtime import RunSpec, Sandbox
+
+    rootfs = small_store.make_tmp()
+    build_busybox_rootfs(rootfs)
+    base = small_store.add_rootfs(rootfs, tag=None)
+    chain = build_chain(small_store, base, 12)
+    run = small_store.new_run(chain[-1])
+    out: list[bytes] = []
+    spec = RunSpec(argv=["/bin/sh", "-c", "read x; cat /data/f1 /data/f12 /data/sub/s12"],
+                   env={"PATH": "/bin"}, stdin_open=True)  # fmt: skip
+    sb = Sandbox.start(lowers=list(run.layers), upper=run.upper, work=run.work, spec=spec,
+                       on_output=lambda stream, chunk: out.append(chunk))  # fmt: skip
+    # While it waits on stdin, its image is squashed and every chain image deleted.
+    assert small_store.squash(chain[-1])
+    for uuid in chain[1:]:
+        small_store.delete_image(uuid)
+    squashed = small_store.layers_dir / small_store.squash_log[-1].layer
+    assert small_store.gc(min_age=0) == 1  # only the new flat layer: nobody mounted it
+    assert not squashed.exists() and all(p.is_dir() for p in run.layers)
+    sb.write_stdin(b"go\n")
+    sb.close_stdin()
+    info = sb.wait(60)
+    assert info is not None and info.exit_code == 0, info
+    assert b"".join(out) == b"layer 1\n" * 2 + b"layer 12\n" * 3 + b"sub 12\n"
+    small_store.discard(run)
+    assert small_store.gc(min_age=0) == 12
+    assert os.listdir(small_store.layers_dir) == small_store.get(base).layers
+
+
 def test_gc_waits_for_runs_of_unknown_images_and_the_grace_period(small_store: Store) -> None:
     base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
     chain = build_chain(small_store, base, 3)
