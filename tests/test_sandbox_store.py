@@ -837,6 +837,17 @@ def test_add_layers_imports_a_stack_with_mount_points_on_top(store: Store, tmp_p
     assert not (top_layer / "etc/hosts").exists()
 
 
+def test_add_layers_keeps_the_times_of_a_top_etc_it_adds_to(store: Store, tmp_path: Path) -> None:
+    top = _layer(tmp_path / "l0", {"etc/passwd": "root\n", "bin/sh": "sh"})
+    os.utime(top / "etc", (7_654_321, 7_654_321))
+    uuid = store.add_layers([top], tag=None, config=None, operation_uuid=None,
+                            source_digest=None)  # fmt: skip
+    view = store.view(uuid)
+    assert view.stat("/etc").mtime == 7_654_321
+    assert [view.read(f"/etc/{n}") for n in ("hostname", "hosts", "resolv.conf")] == [b""] * 3
+    assert all(view.stat(f"/{d}").is_dir for d in ("proc", "dev", "sys", "tmp"))
+
+
 def test_find_by_digest_and_reimport_keep_the_uuid(store: Store, tmp_path: Path) -> None:
     assert store.find_by_digest("sha256:x") is None
     first = store.add_layers([_layer(tmp_path / "a", {"f": "1"})], tag="x:1", config=None,

@@ -317,6 +317,9 @@ def _ensure_mount_points_on_top(layers: builtins.list[Path]) -> None:
             os.setxattr(top / name, "trusted.overlay.opaque", b"y")
     etc = merged("/etc")
     copied_up = False
+    # An /etc already in the top layer keeps its times: adding files must not show as
+    # a change of the directory.
+    top_etc = os.lstat(top / "etc") if (top / "etc").is_dir() else None
     for name in ("hostname", "hosts", "resolv.conf"):
         cur = merged("/etc/" + name)
         if cur is not None and cur.is_regular:
@@ -331,6 +334,8 @@ def _ensure_mount_points_on_top(layers: builtins.list[Path]) -> None:
     if copied_up and etc is not None:
         # After the files: creating them bumped the directory's mtime.
         snapshot.copy_metadata(etc.host_path, os.fspath(top / "etc"), os.lstat(etc.host_path))
+    elif top_etc is not None:
+        os.utime(top / "etc", ns=(top_etc.st_atime_ns, top_etc.st_mtime_ns))
 
 
 class Store:
