@@ -40,7 +40,7 @@ from contree_shell.shell.status import ImageLabels, Snapshot, take_snapshot
 from contree_shell.shell.style import style_factory
 from contree_shell.shell.toolbar import toolbar_tokens, toolbar_visible
 
-__all__ = ["Repl", "main", "run_script"]
+__all__ = ["Repl", "main", "run_commands", "run_script", "run_text"]
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,12 @@ class Repl:
 
 def run_text(sh: ShellContext, text: str) -> bool:
     """Run every command in `text` in order. False when one of them was `exit`."""
-    for command in split_commands(text):
+    return run_commands(sh, split_commands(text))
+
+
+def run_commands(sh: ShellContext, commands_: list[str]) -> bool:
+    """Run already split commands in order. False when one of them was `exit`."""
+    for command in commands_:
         try:
             run_route(sh, classify(command))
         except EOFError:
@@ -234,14 +239,12 @@ def run_script(sh: ShellContext, stream: IO[str]) -> int:
     """Non-interactive shell (`contree shell < script`): no prompts, run every command in
     order, exit with the last one's status. The whole script is read first, so commands
     never see the rest of it on their stdin."""
-    text = stream.read()
-    commands_ = split_commands(text)
-    if commands_ and isinstance(classify(commands_[-1]), Incomplete):
-        # An open quote at the end of the script: run the rest, then say why it stopped.
-        run_text(sh, "\n".join(commands_[:-1]))
+    commands_ = split_commands(stream.read())
+    unterminated = bool(commands_) and isinstance(classify(commands_[-1]), Incomplete)
+    if unterminated:
+        commands_ = commands_[:-1]
+    if run_commands(sh, commands_) and unterminated:
         run_route(sh, ParseError("Parse error: unterminated quote at end of input"))
-        return sh.last.status
-    run_text(sh, text)
     return sh.last.status
 
 
