@@ -49,20 +49,12 @@ def dispatch(sh: ShellContext, route: Route) -> int:
 
 
 def _contree(sh: ShellContext, argv: list[str]) -> int:
-    from contree_shell.cli.errors import CliHelp, CliUsageError
+    """`contree …`: the CLI's own dispatcher (it prints usage errors and --help itself)."""
     from contree_shell.cli.main import execute
 
     if not argv:
         return run_builtin(sh, Builtin("help"))
-    try:
-        return int(execute(sh.ctx, argv))
-    except CliHelp as exc:
-        if exc.text:
-            output.write_stdout(exc.text.encode())
-        return 0
-    except CliUsageError as exc:
-        output.write_stderr(f"{exc.usage.rstrip()}\nerror: {exc.message}\n".encode())
-        return 2
+    return int(execute(sh.ctx, argv))
 
 
 def run_route(sh: ShellContext, route: Route) -> int:
