@@ -196,3 +196,16 @@ def test_the_real_contree_parser_is_walkable() -> None:
     result = analyze("contree ", shell_parser(), BUILTINS).suggestions
     assert isinstance(result[0], CommandNames)
     assert "run" in result[0].names
+
+
+def test_real_parser_specific_sources() -> None:
+    from contree_shell.shell.commands import shell_parser
+
+    def real(text: str) -> tuple[object, ...]:
+        return analyze(text, shell_parser(), BUILTINS).suggestions
+
+    assert real("contree cd /") == (SandboxPath(dirs_only=True),)
+    assert real("contree session delete ")[0] == Source("session", ("session", "delete"), "keys")
+    assert real("contree session checkout ")[0] == Source("branch", ("session", "checkout"),
+                                                          "branch")
+    assert real("contree -S ")[0] == Source("session", (), "session")

@@ -118,8 +118,12 @@ _DIR_NAMES = {"dir", "directory", "cwd"}
 _SOURCE_BY_COMMAND = {
     ("session", "checkout"): "branch",
     ("checkout",): "branch",
-    ("session", "branch"): "branch",
+    ("session", "show"): "session",
+    ("session", "delete"): "session",
+    ("session", "use"): "session",
 }
+# Commands whose path argument must be a directory.
+_DIR_COMMANDS = {("cd",)}
 
 
 def split_words(text: str) -> tuple[list[Word], Word | None]:
@@ -405,7 +409,7 @@ def _values_for(path: tuple[str, ...], action: argparse.Action) -> tuple[Suggest
     if path in _SOURCE_BY_COMMAND and not action.option_strings:
         return (Source(_SOURCE_BY_COMMAND[path], path, str(action.dest)),)
     if names & _PATH_NAMES:
-        return (SandboxPath(dirs_only=bool(names & _DIR_NAMES)),)
+        return (SandboxPath(dirs_only=bool(names & _DIR_NAMES) or path in _DIR_COMMANDS),)
     if action.nargs == argparse.REMAINDER:
         return (SandboxPath(),)
     return ()
