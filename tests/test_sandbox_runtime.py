@@ -339,6 +339,33 @@ def test_start_raises_instead_of_hanging_when_out_of_descriptors(
     assert runner(["true"]).wait().exit_code == 0
 
 
+def test_on_exit_runs_on_the_io_thread_before_wait_returns(busybox_image: Path,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    (tmp_path / "u").mkdir()
+    (tmp_path / "w").mkdir()
+    seen: list[tuple[ExitInfo, str]] = []
+    sb = Sandbox.start(lowers=[busybox_image], upper=tmp_path / "u", work=tmp_path / "w",
+                       spec=RunSpec(argv=["sh", "-c", "exit 5"], env=ENV),
+                       on_output=lambda s, c: None,
+                       on_exit=lambda info: seen.append((info, threading.current_thread().name)))
+    info = sb.wait(60)
+    assert info is not None and seen == [(info, "sandbox-io")] and info.exit_code == 5
+
+
+@pytest.mark.parametrize("spec", [
+    RunSpec(argv=[], env={}),
+    RunSpec(argv=["true"], env={"A=B": "x"}),
+    RunSpec(argv=["tr\0ue"], env={}),
+    RunSpec(argv=["true"], env={}, cwd="relative"),
+    RunSpec(argv=["true"], env={}, hostname="h" * 65),
+])
+def test_invalid_specs_are_refused_before_anything_starts(busybox_image: Path, tmp_path: Path,
+                                                          spec: RunSpec) -> None:  # fmt: skip
+    with pytest.raises(SandboxError):
+        Sandbox.start(lowers=[busybox_image], upper=tmp_path, work=tmp_path, spec=spec,
+                      on_output=lambda s, c: None)
+
+
 def test_runs_leave_no_mounts_on_the_host(runner: Callable[..., Run]) -> None:
     before = Path("/proc/self/mountinfo").read_text()
     for cmd in ("true", "exit 3", "sleep 100"):
