@@ -140,3 +140,13 @@ def test_toolbar_is_hidden_on_an_idle_prompt_by_default(
 
     assert Repl(shell, settings=ShellSettings(toolbar="typing")).session.bottom_toolbar is None
     assert Repl(shell, settings=ShellSettings(toolbar="always")).session.bottom_toolbar is not None
+
+
+def test_a_pasted_block_is_one_entry_and_runs_line_by_line(
+    shell: ShellContext, pipe: PipeInput
+) -> None:
+    repl = Repl(shell)
+    pipe.send_text("\x1b[200~cd /tmp\necho 'a\nb'\npwd\x1b[201~" + ENTER)
+    text = repl.read()
+    assert text == "cd /tmp\necho 'a\nb'\npwd"
+    assert split_commands(text) == ["cd /tmp", "echo 'a\nb'", "pwd"]
