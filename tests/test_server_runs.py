@@ -412,3 +412,22 @@ def test_files_follow_symlinked_parent_dirs_inside_the_image(api_server: ApiServ
     body = run(http, base["result"]["image"], "cat /opt/real/f; test -L /lnk && echo link",
                files={"/lnk/f": {"uuid": up["uuid"], "mode": "0644"}})
     assert body["metadata"]["result"]["stdout"]["value"] == "via link\nlink\n"
+
+
+def test_inflight_and_subprocess_get_show_partial_then_final_output(
+        api_server: ApiServer, http: httpx.Client) -> None:
+    op = spawn(http, api_server.busybox, "echo early; read x; echo late",
+               stdin={"value": "", "close": False})
+    for ev in sse_events(http, op):
+        if ev["type"] == "stdout" and ev["data"]["value"] == "early\n":
+            live = http.get(f"/v1/operations/{op}", params={"inflight": "1"}).json()
+            partial = live["metadata"]["result"]
+            assert partial["stdout"]["value"] == "early\n"
+            assert partial["state"]["exit_code"] == -1
+            sub = http.get(f"/v1/operations/{op}/subprocesses/1").json()
+            assert sub["stdout"]["value"] == "early\n"
+            http.post(f"/v1/operations/{op}/subprocesses/1/stdin", json={"value": "\n"})
+    final = http.get(f"/v1/operations/{op}/subprocesses/1").json()
+    assert final["stdout"]["value"] == "early\nlate\n"
+    assert final["state"]["exit_code"] == 0
+    assert http.get(f"/v1/operations/{op}/subprocesses/2").status_code == 404

@@ -419,7 +419,7 @@ class InstanceManager:
         try:
             if ref.startswith("tag:"):
                 return str(self.store.resolve_tag(ref[4:]))
-            return str(self.store.get(ref).uuid)
+            return str(self.store.get(ref.lower()).uuid)
         except (ImageNotFound, TagNotFound) as exc:
             raise RequestError(404, f"image not found: {ref}") from exc
 
@@ -524,6 +524,19 @@ class InstanceManager:
                 if run.closed or run.sandbox.done():
                     raise RequestError(410, "the instance has finished") from exc
                 raise Conflict("stdin is closed") from exc
+
+    def partial_result(self, op_uuid: str) -> dict[str, Any] | None:
+        """The InstanceResult of a live run so far (sentinel state), or None if not live."""
+        with self._lock:
+            run = self._runs.get(op_uuid)
+        if run is None:
+            return None
+        with run.lock:
+            result = empty_result()
+            result["stdout"] = self._stream_repr(run, "stdout")
+            result["stderr"] = self._stream_repr(run, "stderr")
+            result["state"]["pid"] = int(getattr(run.sandbox, "pid", 0) or 0)
+        return result
 
     def shutdown(self, reason: str = "server stopped", wait: bool = True) -> None:
         """Cancel every live run and wait for the workers to clean up."""

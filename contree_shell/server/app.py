@@ -439,7 +439,27 @@ async def get_operation(request: Request) -> Response:
     state = _state(request)
     op = _get_op(state, request.path_params["op"])
     headers = None if op.status in TERMINAL else {"Retry-After": "1"}
-    return JSONResponse(operation_json(op, full=True), headers=headers)
+    body = operation_json(op, full=True)
+    if op.kind == "instance" and op.status == "EXECUTING" and flag(request.query_params,
+                                                                   "inflight"):
+        body["metadata"]["result"] = state.instances.partial_result(op.uuid)
+    return JSONResponse(body, headers=headers)
+
+
+async def get_subprocess(request: Request) -> Response:
+    """InstanceResult of spid 1 (the only process this engine runs per instance)."""
+    state = _state(request)
+    op = _get_op(state, request.path_params["op"])
+    spid = _spid(request)
+    if op.kind != "instance" or spid != 1 or op.status == "CANCELLED":
+        raise ApiError(404, f"no process with spid {spid} in operation {op.uuid}")
+    result = op.metadata.get("result") if op.status in TERMINAL else \
+        state.instances.partial_result(op.uuid)
+    if result is None:
+        if op.status in TERMINAL:
+            raise ApiError(404, f"no process with spid {spid} in operation {op.uuid}")
+        raise ApiError(425, "the process has not started yet", {"Retry-After": "1"})
+    return JSONResponse(result)
 
 
 async def cancel_operation(request: Request) -> Response:
@@ -589,6 +609,7 @@ ROUTES = [
     Route("/v1/operations/{op}", cancel_operation, methods=["DELETE"]),
     Route("/v1/operations/{op}/events", operation_events, methods=["GET"]),
     Route("/v1/operations/{op}/subprocesses/{spid}", signal_process, methods=["DELETE"]),
+    Route("/v1/operations/{op}/subprocesses/{spid}", get_subprocess, methods=["GET"]),
     Route("/v1/operations/{op}/subprocesses/{spid}/stdin", write_stdin, methods=["POST"]),
     Route("/v1/inspect", inspect_root_redirect, methods=["GET"]),
     Route("/v1/inspect/", inspect_by_tag, methods=["GET"]),
