@@ -192,3 +192,27 @@ def test_completion_is_last_even_for_follow_on_finished_ops(tmp_path: Path) -> N
                 assert events[-1]["type"] == "completion"
     finally:
         srv.stop()
+
+
+def test_debootstrap_import_streams_progress_and_fails_cleanly(tmp_path: Path) -> None:
+    # An unreachable mirror: debootstrap starts, reports progress, then fails.
+    srv = start_api_server(tmp_path, env={"CONTREE_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"})
+    try:
+        with srv.http() as http:
+            resp = http.post("/v1/images/import", json={
+                "registry": {"url": "debootstrap:bookworm"}, "tag": "debian:bookworm"})
+            assert resp.status_code == 201
+            op = resp.json()["uuid"]
+            events = list(sse_events(http, op))
+            assert events[-1]["type"] == "completion"
+            assert events[-1]["data"]["status"] == "FAILED"
+            progress = [e for e in events if e["type"] == "stderr"]
+            assert progress and all(e["spid"] == 0 for e in progress)
+            assert progress[0]["data"]["value"].startswith("debootstrap --variant=minbase")
+            body = http.get(f"/v1/operations/{op}").json()
+            assert body["status"] == "FAILED" and body["error"].startswith("import failed:")
+            assert http.get("/v1/inspect/", params={"tag": "debian:bookworm"}
+                            ).status_code == 404
+            assert not any((srv.home / "store" / "tmp").iterdir())
+    finally:
+        srv.stop()

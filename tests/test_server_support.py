@@ -33,6 +33,7 @@ class ApiServer:
     process: subprocess.Popen[bytes] | None = None
     busybox: str = ""
     extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def socket(self) -> Path:
@@ -45,6 +46,7 @@ class ApiServer:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTREE_", "XDG_"))}
         env["PYTHONPATH"] = str(REPO)
+        env.update(self.extra_env)
         log = open(self.home.parent / "server-test.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "contree_shell", "server", "run", "--home", str(self.home),
@@ -84,10 +86,11 @@ class ApiServer:
         return code
 
 
-def start_api_server(base: Path, *extra_args: str) -> ApiServer:
+def start_api_server(base: Path, *extra_args: str,
+                     env: dict[str, str] | None = None) -> ApiServer:
     home = base / "home"
     home.mkdir(parents=True, exist_ok=True)
-    srv = ApiServer(home=home, extra_args=list(extra_args))
+    srv = ApiServer(home=home, extra_args=list(extra_args), extra_env=dict(env or {}))
     srv.start()
     return srv
 

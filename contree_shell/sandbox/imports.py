@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from contree_shell.sandbox.instances import TAG_RE, RequestError
+from contree_shell.sandbox.instances import DEFAULT_PATH, TAG_RE, RequestError, encode_stream
 from contree_shell.sandbox.operations import OperationsDB
 
 log = logging.getLogger("contree.imports")
@@ -67,19 +67,25 @@ class ImportManager:
         self.ops = ops
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="import")
         self._cancelled: set[str] = set()
+        self._stops: dict[str, threading.Event] = {}  # set → the builder gives up
         self._lock = threading.Lock()
 
     def start(self, body: Any) -> str:
         """Create the image_import operation and queue it; returns its uuid."""
         metadata = normalize_import_request(body)
         op = self.ops.create("image_import", metadata)
+        with self._lock:
+            self._stops[op.uuid] = threading.Event()
         self._pool.submit(self._worker, op.uuid, metadata)
         return op.uuid
 
     def cancel(self, op_uuid: str, reason: str = "cancelled") -> bool:
-        """End the operation CANCELLED now; the worker throws its result away."""
+        """End the operation CANCELLED now; the worker stops its builder and cleans up."""
         with self._lock:
             self._cancelled.add(op_uuid)
+            stop = self._stops.get(op_uuid)
+            if stop is not None:
+                stop.set()
             return self.ops.finish(op_uuid, "CANCELLED", error=reason)
 
     def shutdown(self, reason: str = "server stopped") -> None:
@@ -91,62 +97,69 @@ class ImportManager:
                 pass
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _event(self, op_uuid: str, line: str) -> None:
+        with self._lock:
+            if op_uuid in self._cancelled:
+                return
+            value, encoding = encode_stream((line.rstrip("\n") + "\n").encode())
+            self.ops.append_event(op_uuid, "stderr", {
+                "value": value, "encoding": encoding, "truncated": False}, spid=0)
+
     def _worker(self, op_uuid: str, metadata: dict[str, Any]) -> None:
         from contree_shell.sandbox.bootstrap import build_busybox_rootfs, debootstrap_rootfs
 
+        with self._lock:
+            stop = self._stops.setdefault(op_uuid, threading.Event())
         if self.ops.get(op_uuid).status != "PENDING":
             return
         self.ops.update(op_uuid, status="EXECUTING")
         dest = self.store.make_tmp("import")
         url: str = metadata["registry"]["url"]
         tag: str | None = metadata["tag"]
-
-        def progress(line: str) -> None:
-            with self._lock:
-                if op_uuid in self._cancelled:
-                    return
-                self.ops.append_event(
-                    op_uuid,
-                    "stderr",
-                    {
-                        "value": line.rstrip("\n") + "\n",
-                        "encoding": "ascii",
-                        "truncated": False,
-                    },
-                    spid=0,
-                )
-
+        timer = threading.Timer(float(metadata["timeout"]), stop.set)
+        timer.daemon = True
+        timer.start()
         try:
             if url.startswith("busybox:"):
                 build_busybox_rootfs(dest)
             else:
-                debootstrap_rootfs(dest, url.partition(":")[2], progress)
-            with self._lock:
-                if op_uuid in self._cancelled:
-                    return
-            config = {
-                "env": {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-                "workdir": None,
-                "user": None,
-            }
+                debootstrap_rootfs(dest, url.partition(":")[2],
+                                   lambda line: self._event(op_uuid, line), cancel=stop)
+            if stop.is_set():
+                raise TimeoutError
+            config = {"env": {"PATH": DEFAULT_PATH}, "workdir": None, "user": None}
             image = str(self.store.add_rootfs(dest, tag=tag, config=config,
                                              operation_uuid=op_uuid))
             with self._lock:
                 if op_uuid in self._cancelled:
                     return
-                self.ops.finish(
-                    op_uuid,
-                    "SUCCESS",
-                    result_image_uuid=image,
-                    result={"image": image, "tag": tag},
-                    image_size=None,
-                )
+                self.ops.finish(op_uuid, "SUCCESS", result_image_uuid=image,
+                                result={"image": image, "tag": tag}, image_size=None)
         except Exception as exc:
-            log.exception("import %s failed", op_uuid)
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            progress(f"import failed: {message}")
+            if stop.is_set() and op_uuid not in self._cancelled:
+                message = f"import timed out after {metadata['timeout']}s"
+            else:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                message = f"import failed: {message}"
+                log.warning("import %s: %s", op_uuid, message)
+            self._event(op_uuid, message)
+            _remove(dest)  # before the op turns terminal: nothing is left once it is
             with self._lock:
                 if op_uuid not in self._cancelled:
-                    self.ops.finish(op_uuid, "FAILED", error=f"import failed: {message}")
+                    self.ops.finish(op_uuid, "FAILED", error=message)
         finally:
-            shutil.rmtree(dest, ignore_errors=True)
+            timer.cancel()
+            with self._lock:
+                self._stops.pop(op_uuid, None)
+                self._cancelled.discard(op_uuid)
+            _remove(dest)
+
+
+def _remove(path: Path) -> None:
+    from contree_shell.sandbox.store import force_rmtree
+
+    if path.exists():
+        try:
+            force_rmtree(path)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
