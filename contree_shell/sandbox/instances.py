@@ -154,6 +154,7 @@ def normalize_spawn_request(
     lookup_file: Callable[[str], object],
     *,
     default_timeout: int = DEFAULT_TIMEOUT,
+    default_network: bool = True,
 ) -> dict[str, Any]:
     """Validate an InstanceSpawnRequest and return it fully defaulted.
 
@@ -217,7 +218,7 @@ def normalize_spawn_request(
         networking = {}
     if not isinstance(networking, dict):
         raise RequestError(400, "'networking' must be an object")
-    net_enabled = _bool(networking, "enabled", True)
+    net_enabled = _bool(networking, "enabled", default_network)
     timeout = body.get("timeout")
     timeout = default_timeout if timeout is None else _int(timeout, "timeout", minimum=1)
     timeout = min(timeout, MAX_TIMEOUT)
@@ -399,12 +400,14 @@ class InstanceManager:
         default_timeout: int = DEFAULT_TIMEOUT,
         max_workers: int = 16,
         network_supported: bool = True,
+        default_network: bool = True,
     ) -> None:
         self.store = store
         self.ops = ops
         self.files = files
         self.default_timeout = default_timeout
         self.network_supported = network_supported
+        self.default_network = default_network
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="run")
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
@@ -434,7 +437,8 @@ class InstanceManager:
         if self._shutting_down:
             raise RequestError(503, "the server is stopping")
         spec = normalize_spawn_request(
-            body, self.resolve_image, self._lookup_file, default_timeout=self.default_timeout
+            body, self.resolve_image, self._lookup_file, default_timeout=self.default_timeout,
+            default_network=self.default_network,
         )
         raw_env = dict(body.get("env") or {})
         metadata = dict(spec, result=None)

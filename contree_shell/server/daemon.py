@@ -103,6 +103,10 @@ def preflight() -> list[Check]:
     checks.append(Check("busybox", busybox.exists(),
                         "host busybox found (busybox: imports)" if busybox.exists() else
                         "no /bin/busybox: `busybox:` imports will fail"))
+    network = _network_supported()
+    checks.append(Check("network", True,
+                        "pasta found: runs with networking get outbound NAT" if network else
+                        "pasta not found: runs are offline (networking is ignored)"))
     try:
         from contree_shell.sandbox import runtime
 
@@ -225,8 +229,13 @@ def build_state(home: Path, token: str | None) -> Any:
     store.recover()
     files = FileStore(home / "files")
     timeout = int(os.environ.get("CONTREE_DEFAULT_TIMEOUT", "600") or 600)
+    # The API's default is networking on; the engine pays for a user-mode NAT per run
+    # then, so a local user may flip the default (an explicit request always wins).
+    default_network = os.environ.get("CONTREE_DEFAULT_NETWORKING", "1").strip().lower() \
+        not in ("0", "false", "no", "off")
     instances = InstanceManager(store=store, ops=ops, files=files, default_timeout=timeout,
-                                network_supported=_network_supported())
+                                network_supported=_network_supported(),
+                                default_network=default_network)
     imports = ImportManager(store=store, store_root=store_root, ops=ops)
     return ServerState(home=home, store=store, ops=ops, files=files, instances=instances,
                        imports=imports, token=token)
