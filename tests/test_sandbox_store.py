@@ -691,7 +691,7 @@ def test_gc_keeps_the_layers_a_live_run_mounted(small_store: Store) -> None:
     run = small_store.new_run(chain[-1])
     assert [p.name for p in run.layers] == old
     small_store.squash(chain[-1])
-    for uuid in chain[:-1]:  # only the tip used the prefix it squashed away? no: share
+    for uuid in chain[:-1]:  # nothing else uses the replaced prefix now
         small_store.delete_image(uuid)
     assert small_store.gc(min_age=0) == 0  # everything the run mounted stays
     assert all(p.is_dir() for p in run.layers)
