@@ -672,6 +672,45 @@ def test_background_squasher_picks_up_deep_images_from_before_start(
     assert not any(again.squash_needed(u) for u in chain)
 
 
+def test_concurrent_commits_while_squashing_keep_every_image_right(small_store: Store) -> None:
+    base = small_store.add_rootfs(make_rootfs(small_store.make_tmp()), tag=None)
+    trunk = build_chain(small_store, base, 6)
+    small_store.start_background_squash()
+    tips: dict[int, list[str]] = {}
+
+    def worker(n: int) -> None:
+        image = trunk[-1]
+        mine = []
+        for i in range(25):
+            run = small_store.new_run(image)
+            (run.upper / f"w{n}-{i}").write_text(f"{n}/{i}")
+            image = small_store.commit(image, run, operation_uuid=None).image
+            mine.append(image)
+        tips[n] = mine
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert small_store.wait_for_squash(timeout=120)
+    finally:
+        small_store.stop()
+    assert small_store.wait_for_squash(timeout=0)  # not running: nothing to wait for
+    for n, images in tips.items():
+        for i, uuid in enumerate(images):
+            assert not small_store.squash_needed(uuid)
+            names = {e.name for e in small_store.view(uuid).listdir("/")[1]}
+            mine = {x for x in names if x.startswith("w")}
+            assert mine == {f"w{n}-{j}" for j in range(i + 1)}, (n, i)
+            assert small_store.view(uuid).read(f"/w{n}-{i}") == f"{n}/{i}".encode()
+    assert any(e.built for e in small_store.squash_log)
+    small_store.gc(min_age=0)
+    used = {lid for rec, _ in small_store.list(limit=1000) for lid in rec.layers}
+    assert set(os.listdir(small_store.layers_dir)) == used
+
+
 def test_env_sets_the_squash_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONTREE_SQUASH_THRESHOLD", "12")
     assert Store(tmp_path / "a").squash_threshold == 12
