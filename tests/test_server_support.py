@@ -7,6 +7,7 @@ Waiting is always done on the server's event stream, never by sleeping.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -23,6 +24,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("SUCCESS", "FAILED", "CANCELLED")
+
+
+def _die_with_parent() -> None:
+    """A test server gets SIGTERM (a graceful stop) if the test process dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -52,6 +59,7 @@ class ApiServer:
             [sys.executable, "-m", "contree_shell", "server", "run", "--home", str(self.home),
              "--log-level", "warning", *self.extra_args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         # The socket appearing is a filesystem event with nothing to await on; the
