@@ -152,11 +152,11 @@ def test_start_status_stop_manage_a_background_server(tmp_path: Path) -> None:
     assert "contree server" in (home / "server.log").read_text()
 
 
-def test_start_reports_why_the_server_did_not_start(tmp_path: Path) -> None:
+def test_second_server_on_the_same_home_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "bad"
     pid = daemon.start(home)
     try:
-        # A second server on the same home must refuse, with the reason from its log.
+        # A second server on the same home must refuse to take over its socket.
         with pytest.raises(daemon.ServerStartError) as err:
             daemon._bind_unix(daemon.socket_path(home))
         assert "already running" in str(err.value)
@@ -216,3 +216,10 @@ def test_debootstrap_import_streams_progress_and_fails_cleanly(tmp_path: Path) -
             assert not any((srv.home / "store" / "tmp").iterdir())
     finally:
         srv.stop()
+
+
+def test_start_failure_names_the_reason_from_the_log(tmp_path: Path) -> None:
+    with pytest.raises(daemon.ServerStartError) as err:
+        daemon.start(tmp_path / "h", listen="nonsense")
+    assert str(err.value) == ("the local server did not start: --listen must be HOST:PORT, "
+                              "got 'nonsense'")

@@ -338,7 +338,7 @@ def _last_log_line(home: Path) -> str:
             continue
         if "INFO" in text and "Waiting" in text:
             continue
-        return text
+        return text.removeprefix("[ERROR] ")
     return ""
 
 
