@@ -415,23 +415,29 @@ def test_network_on_does_not_reach_host_loopback_services(runner: Callable[..., 
         listener.close()
 
 
-def pasta_pids() -> set[str]:
-    pids = set()
+def holders_of(ns: str) -> list[str]:
+    """Host processes in, or holding an fd to, the namespace ``ns`` ("net:[inode]")."""
+    found = []
     for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
         try:
-            if p.isdigit() and Path(f"/proc/{p}/comm").read_text().startswith("pasta"):
-                pids.add(p)
+            if os.readlink(f"/proc/{p}/ns/net") == ns or any(
+                    os.readlink(f"/proc/{p}/fd/{fd}") == ns for fd in os.listdir(f"/proc/{p}/fd")):
+                found.append(p)
         except OSError:
             continue
-    return pids
+    return found
 
 
 @needs_pasta
-def test_network_helper_does_not_outlive_the_run(runner: Callable[..., Run]) -> None:
-    before = pasta_pids()
-    assert runner("true", network=True).wait().exit_code == 0
-    # pasta notices the namespace is gone on its own; other tests' pastas may come and go.
-    assert poll_until(lambda: not (pasta_pids() - before))
+def test_network_namespace_and_its_helper_are_gone_after_the_run(
+        runner: Callable[..., Run]) -> None:  # fmt: skip
+    run = runner("readlink /proc/self/ns/net", network=True)
+    assert run.wait().exit_code == 0
+    ns = bytes(run.stdout).decode().strip()
+    assert ns.startswith("net:[")
+    assert holders_of(ns) == []
 
 
 def test_concurrent_runs_from_many_threads(runner: Callable[..., Run]) -> None:
@@ -484,3 +490,30 @@ sb.wait()
         proc.wait()
     # PDEATHSIG is delivered asynchronously: poll the process list for a bounded while.
     assert poll_until(lambda: host_processes_with(f"sleep {MARK + 11}") == [])
+
+
+@needs_pasta
+def test_killed_server_leaves_no_network_helper(busybox_image: Path, tmp_path: Path) -> None:
+    script = f"""
+import sys
+from pathlib import Path
+from contree_shell.sandbox.runtime import RunSpec, Sandbox
+up, wk = Path({str(tmp_path)!r}) / "u", Path({str(tmp_path)!r}) / "w"
+up.mkdir(); wk.mkdir()
+def out(stream, chunk):
+    sys.stdout.write(chunk.decode()); sys.stdout.flush()
+sb = Sandbox.start(lowers=[Path({str(busybox_image)!r})], upper=up, work=wk,
+                   spec=RunSpec(argv=["sh", "-c", "readlink /proc/self/ns/net; sleep {MARK + 12}"],
+                                env={ENV!r}, network=True), on_output=out)
+sb.wait()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        ns = proc.stdout.readline().decode().strip()
+        assert ns.startswith("net:[") and holders_of(ns)
+    finally:
+        proc.kill()
+        proc.wait()
+    # PDEATHSIG chains are asynchronous: poll for a bounded while.
+    assert poll_until(lambda: holders_of(ns) == [])

@@ -40,7 +40,8 @@ import resource  # noqa: F401  # os.wait4 imports it lazily; a child after pivot
 import selectors
 import shutil
 import signal
-import subprocess
+import stat
+import tempfile
 import threading
 import time
 from collections import deque
@@ -147,27 +148,59 @@ class _Plan:
 
 _scaffold_lock = threading.Lock()
 _scaffold_path: Path | None = None
+_SCAFFOLD_NAME = "contree-scaffold-v1"
+
+
+def _scaffold_ok(path: Path) -> bool:
+    """True when ``path`` is a complete scaffold only this user can change."""
+    uid = os.geteuid()
+    try:
+        top = os.lstat(path)
+        if not stat.S_ISDIR(top.st_mode) or top.st_uid != uid or top.st_mode & 0o077:
+            return False
+        for rel in (*_SCAFFOLD_DIRS, *_SCAFFOLD_FILES):
+            st = os.lstat(path / rel)
+            if st.st_uid != uid or stat.S_ISLNK(st.st_mode):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _new_scaffold(base: Path) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f"{_SCAFFOLD_NAME}.", dir=base))  # mode 0700
+    for d in _SCAFFOLD_DIRS:
+        (path / d).mkdir(mode=0o755)
+    os.chmod(path / "tmp", 0o1777)
+    for f in _SCAFFOLD_FILES:
+        (path / f).touch(mode=0o644)
+    return path
 
 
 def _scaffold() -> Path:
-    """A read-only lower layer holding only the mount points (created once per process)."""
+    """A lower layer holding only the mount points, shared by every run and server.
+
+    It sits at the bottom of every overlay, so images that lack a mount point need no
+    write into upper. Its top directory is private (0700): overlay reads lower layers
+    with the mounter's credentials, and nobody else on the host may add files to it.
+    """
     global _scaffold_path
     with _scaffold_lock:
-        path = _scaffold_path
-        if path is not None and (path / "etc/resolv.conf").exists():
-            return path
-        import tempfile
-
-        path = Path(tempfile.mkdtemp(prefix="contree-scaffold-"))
-        os.chmod(path, 0o755)
-        for d in _SCAFFOLD_DIRS:
-            (path / d).mkdir(mode=0o755)
-        os.chmod(path / "tmp", 0o1777)
-        for f in _SCAFFOLD_FILES:
-            (path / f).touch(mode=0o644)
-        _scaffold_path = path
-        atexit.register(shutil.rmtree, path, True)
-        return path
+        if _scaffold_path is not None and _scaffold_ok(_scaffold_path):
+            return _scaffold_path
+        base = Path(tempfile.gettempdir())
+        shared = base / f"{_SCAFFOLD_NAME}-{os.geteuid()}"
+        if not _scaffold_ok(shared):
+            fresh = _new_scaffold(base)
+            try:
+                os.rename(fresh, shared)  # atomic; fails if another server got there first
+            except OSError:
+                shutil.rmtree(fresh, ignore_errors=True)
+                if not _scaffold_ok(shared):  # squatted by someone else: keep a private one
+                    shared = _new_scaffold(base)
+                    atexit.register(shutil.rmtree, shared, True)
+        _scaffold_path = shared
+        return shared
 
 
 def _hosts(hostname: str) -> bytes:
@@ -406,6 +439,26 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
         _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
     finally:
         os._exit(code)
+
+
+def _exec_helper(parent: int, argv: list[str], ns_fd: int, err_w: int) -> None:
+    """Child that becomes a host-side helper (pasta) dying with the server's I/O thread."""
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        sc.reset_signals(hardening.RESET_SIGNALS)
+        os.dup2(ns_fd, 100)  # out of the way of 0..3 first, whatever numbers they had
+        os.dup2(err_w, 101)
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(101, 2)
+        os.dup2(100, 3)  # inheritable: pasta opens /proc/self/fd/3
+        os.closerange(4, 1 << 20)
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
 
 
 def _command(plan: _Plan) -> None:
@@ -665,35 +718,86 @@ class Sandbox:
     def _attach_network(self) -> None:
         """Attach pasta to the intermediate's fresh network namespace, then let it go on.
 
-        pasta drops privileges before joining a namespace, so it gets the namespace as an
-        inherited fd (its own /proc/self/fd entry is always openable). It daemonizes once
-        the interface is configured, and exits by itself when the namespace is gone.
+        pasta runs in the foreground as our child, with PDEATHSIG, and is stopped in
+        _finish: left alone it would hold the namespace (and itself) alive forever. It
+        drops privileges before joining a namespace, so it gets the namespace as an
+        inherited fd (its own /proc/self/fd entry is always openable). It writes its pid
+        file once the interface, addresses and routes are configured: the pid file is a
+        FIFO we read, which makes readiness an event instead of a poll.
         """
         assert PASTA is not None
-        ns_fd = -1
         answer = b"0"
+        scratch = tempfile.mkdtemp(prefix="contree-pasta-")
+        fds: list[int] = []
         try:
             ns_fd = os.open(f"/proc/{self._intermediate}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            proc = subprocess.run(
-                [PASTA, "--config-net", "--quiet", "--runas", "0", "--netns",
-                 f"/proc/self/fd/{ns_fd}", "--dns-forward", PASTA_DNS,
-                 # Outbound NAT only: no port forwarding in either direction (pasta's
-                 # default "auto" would publish sandbox ports on the host and let the
-                 # sandbox reach the host's loopback services), no gateway → host mapping.
-                 "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"],
-                pass_fds=[ns_fd], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                check=False)  # fmt: skip
-            if proc.returncode == 0:
+            fds.append(ns_fd)
+            fifo = os.path.join(scratch, "ready")
+            os.mkfifo(fifo, 0o600)
+            ready_r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fds.append(ready_r)
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            argv = [PASTA, "-f", "--config-net", "--quiet", "--runas", "0",
+                    "--netns", "/proc/self/fd/3", "--pid", fifo, "--dns-forward", PASTA_DNS,
+                    # Outbound NAT only: no port forwarding either way (pasta's default
+                    # "auto" would publish sandbox ports on the host and let the sandbox
+                    # reach the host's loopback services), no gateway → host mapping.
+                    "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]  # fmt: skip
+            parent = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                _exec_helper(parent, argv, ns_fd, err_w)
+            os.close(err_w)
+            fds.remove(err_w)
+            self._pasta_pid = pid
+            if self._wait_ready(pid, ready_r):
                 answer = b"1"
             else:
-                detail = proc.stderr.decode(errors="replace").strip().splitlines()
-                self._net_error = detail[-1] if detail else f"pasta exited {proc.returncode}"
-        except (OSError, subprocess.SubprocessError) as e:
+                os.set_blocking(err_r, False)
+                with contextlib.suppress(OSError):
+                    lines = os.read(err_r, 4096).decode(errors="replace").strip().splitlines()
+                    self._net_error = lines[-1] if lines else "pasta did not start"
+                if self._net_error is None:
+                    self._net_error = "pasta did not start"
+        except OSError as e:
             self._net_error = str(e)
         finally:
-            if ns_fd >= 0:
-                os.close(ns_fd)
+            for fd in fds:
+                os.close(fd)
+            shutil.rmtree(scratch, ignore_errors=True)
         self._close_netgo(answer)
+
+    @staticmethod
+    def _wait_ready(pid: int, ready_r: int) -> bool:
+        """True once pasta has written its pid; False if it exits or takes too long."""
+        pid_fd = sc.pidfd_open(pid)
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(ready_r, selectors.EVENT_READ, "ready")
+            sel.register(pid_fd, selectors.EVENT_READ, "exit")
+            deadline = time.monotonic() + 30
+            while (left := deadline - time.monotonic()) > 0:
+                for key, _mask in sel.select(left):
+                    if key.data == "exit":
+                        return False
+                    try:
+                        if os.read(ready_r, 64).strip():
+                            return True
+                    except BlockingIOError:
+                        continue
+            return False
+        finally:
+            sel.close()
+            os.close(pid_fd)
+
+    def _stop_pasta(self) -> None:
+        if self._pasta_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pasta_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._pasta_pid, 0)
+            self._pasta_pid = 0
 
     def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
         sel = selectors.DefaultSelector()
@@ -819,6 +923,7 @@ class Sandbox:
     _error: tuple[str, int] | None = None
     _cgroup: RunCgroup | None = None
     _net_error: str | None = None
+    _pasta_pid = 0
     _netgo_w = -1
     _status: int | None = None
     _rusage: dict[str, int] | None = None
@@ -833,6 +938,7 @@ class Sandbox:
         with self._lock:
             self._intermediate_reaped = True
             pid1_fd, self._pid1_fd = self._pid1_fd, -1
+        self._stop_pasta()
         if pid1_fd >= 0:
             sel = selectors.DefaultSelector()
             try:
