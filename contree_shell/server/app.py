@@ -508,6 +508,15 @@ def _spid(request: Request) -> int:
     return spid
 
 
+async def exec_subprocess(request: Request) -> Response:
+    state = _state(request)
+    op = _get_op(state, request.path_params["op"])
+    if op.kind != "instance" or op.status in TERMINAL:
+        raise ApiError(409, "operation is not a running instance")
+    raise ApiError(501, "extra subprocesses (spid >= 2) are not supported by the local "
+                        "server yet")
+
+
 async def signal_process(request: Request) -> Response:
     state = _state(request)
     op = _get_op(state, request.path_params["op"])
@@ -608,6 +617,7 @@ ROUTES = [
     Route("/v1/operations/{op}", get_operation, methods=["GET"]),
     Route("/v1/operations/{op}", cancel_operation, methods=["DELETE"]),
     Route("/v1/operations/{op}/events", operation_events, methods=["GET"]),
+    Route("/v1/operations/{op}/subprocesses", exec_subprocess, methods=["POST"]),
     Route("/v1/operations/{op}/subprocesses/{spid}", signal_process, methods=["DELETE"]),
     Route("/v1/operations/{op}/subprocesses/{spid}", get_subprocess, methods=["GET"]),
     Route("/v1/operations/{op}/subprocesses/{spid}/stdin", write_stdin, methods=["POST"]),
