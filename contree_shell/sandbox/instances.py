@@ -599,6 +599,7 @@ class InstanceManager:
             log.exception("run %s failed", run.op)
             self._fail(run, f"internal error: {exc}", reason="spawn_failed")
         finally:
+            run.started.set()  # release stdin writers waiting for a start that never came
             with self._lock:
                 self._runs.pop(run.op, None)
 
