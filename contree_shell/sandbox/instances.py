@@ -625,8 +625,10 @@ class InstanceManager:
         image = self.store.get(spec["image"])
         config: dict[str, Any] = dict(image.config or {})
         image_env: dict[str, str] = dict(config.get("env") or {})
-        layers = list(self.store.layer_paths(spec["image"]))
-        rundir = self.store.new_run()
+        # new_run(parent) pins the image's layers until commit/discard, so a background
+        # squash cannot remove a layer this run has mounted.
+        rundir = self.store.new_run(spec["image"])
+        layers = list(getattr(rundir, "layers", ()) or self.store.layer_paths(spec["image"]))
         committed = False
         try:
             self._emit(

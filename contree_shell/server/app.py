@@ -79,6 +79,7 @@ class ServerState:
         self.imports.shutdown("server stopped")
         self.ops.close()
         self.files.close()
+        self.store.close()
 
 
 def _state(request: Request) -> ServerState:
@@ -219,11 +220,17 @@ async def get_image(request: Request) -> Response:
     return JSONResponse(image_json(rec, tags[0] if tags else None))
 
 
-def _view(state: ServerState, image_uuid: str) -> Any:
+@contextlib.contextmanager
+def _view(state: ServerState, image_uuid: str) -> Iterator[Any]:
+    """An ImageView whose layers stay on disk (pinned against squash/gc) while used.
+
+    An opened file stays readable after that: the descriptor holds its inode.
+    """
     from contree_shell.sandbox.inspect import ImageView
 
     rec = _get_image(state, image_uuid)
-    return ImageView(list(state.store.layer_paths(rec.uuid)))
+    with state.store.pinned_layers(rec.uuid) as layers:
+        yield ImageView(list(layers))
 
 
 def _path_param(request: Request) -> str:
@@ -271,18 +278,18 @@ def _file_item(st: Any, users: dict[int, str], groups: dict[int, str]) -> dict[s
 def _list_dir(state: ServerState, image_uuid: str, path: str, text: bool) -> Response:
     from contree_shell.sandbox.inspect import NotADirectory, PathNotFound, format_ls
 
-    view = _view(state, image_uuid)
-    try:
-        dirpath, entries = view.listdir(path)
-    except PathNotFound:
-        raise ApiError(404, f"no such file or directory: {path}") from None
-    except (NotADirectory, NotADirectoryError):
-        raise ApiError(422, f"not a directory: {path}") from None
-    if text:
-        body = format_ls(dirpath, entries)
-        return PlainTextResponse(body if body.endswith("\n") else body + "\n")
-    users = _names(view, "/etc/passwd")
-    groups = _names(view, "/etc/group")
+    with _view(state, image_uuid) as view:
+        try:
+            dirpath, entries = view.listdir(path)
+        except PathNotFound:
+            raise ApiError(404, f"no such file or directory: {path}") from None
+        except (NotADirectory, NotADirectoryError):
+            raise ApiError(422, f"not a directory: {path}") from None
+        if text:
+            body = format_ls(dirpath, entries)
+            return PlainTextResponse(body if body.endswith("\n") else body + "\n")
+        users = _names(view, "/etc/passwd")
+        groups = _names(view, "/etc/group")
     return JSONResponse({"path": dirpath, "files": [_file_item(e, users, groups)
                                                     for e in entries]})
 
@@ -298,12 +305,12 @@ async def list_dir(request: Request) -> Response:
 def _open_file(state: ServerState, image_uuid: str, path: str) -> tuple[Any, int]:
     from contree_shell.sandbox.inspect import NotAFile, PathNotFound
 
-    view = _view(state, image_uuid)
     try:
-        st = view.stat(path, follow=True)
-        if not st.is_regular:
-            raise ApiError(422, f"not a regular file: {path}")
-        return view.open(path), int(st.size)
+        with _view(state, image_uuid) as view:
+            st = view.stat(path, follow=True)
+            if not st.is_regular:
+                raise ApiError(422, f"not a regular file: {path}")
+            return view.open(path), int(st.size)
     except PathNotFound:
         raise ApiError(404, f"no such file: {path}") from None
     except (NotAFile, IsADirectoryError):

@@ -227,6 +227,7 @@ def build_state(home: Path, token: str | None) -> Any:
     store_root = home / "store"
     store = Store(store_root)
     store.recover()
+    store.start_background_squash()  # deep histories stay cheap to mount
     files = FileStore(home / "files")
     timeout = int(os.environ.get("CONTREE_DEFAULT_TIMEOUT", "600") or 600)
     # The API's default is networking on; the engine pays for a user-mode NAT per run
