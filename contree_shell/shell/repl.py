@@ -62,9 +62,9 @@ def ensure_image(sh: ShellContext, image: str | None) -> int:
 
 def _terminal_stdin() -> Any:
     """Lines typed while a remote command runs go to its stdin (Ctrl-D sends EOF)."""
-    from contree_shell.client.stdin import stdin_for_fd
+    from contree_shell.shell.terminal_stdin import DelayedTerminalStdin
 
-    return stdin_for_fd(0, interactive=True)
+    return DelayedTerminalStdin(0)
 
 
 def _open_history(sh: ShellContext) -> Any:

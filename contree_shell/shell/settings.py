@@ -3,11 +3,11 @@
 | cli.ini `[cli]` key | env var                | default               |
 |---------------------|------------------------|-----------------------|
 | `shell_image`       | `CONTREE_SHELL_IMAGE`  | `tag:debian:bookworm` |
-| `shell_toolbar`     | `CONTREE_SHELL_TOOLBAR`| `typing`              |
+| `shell_toolbar`     | `CONTREE_SHELL_TOOLBAR`| `always`              |
 
 `shell_toolbar`: `always` keeps the status toolbar under the prompt; `typing` shows it
-while a command is being edited (so an idle screen is just output and prompts, which
-reads cleanly in scrollback and terminal recordings); `off` never shows it.
+only while a command is being edited (an idle screen is then just output and prompts,
+which reads cleanly in scrollback and recordings); `off` never shows it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ShellSettings:
     """What the user configured for the shell."""
 
     image: str = DEFAULT_IMAGE
-    toolbar: str = "typing"
+    toolbar: str = "always"
 
 
 def load_settings() -> ShellSettings:
@@ -43,7 +43,7 @@ def load_settings() -> ShellSettings:
         ini = {}
     image = os.environ.get("CONTREE_SHELL_IMAGE") or ini.get("shell_image") or DEFAULT_IMAGE
     toolbar = (os.environ.get("CONTREE_SHELL_TOOLBAR") or ini.get("shell_toolbar")
-               or "typing").strip().lower()
+               or "always").strip().lower()
     if toolbar not in TOOLBAR_MODES:
-        toolbar = "typing"
+        toolbar = "always"
     return ShellSettings(image=image.strip(), toolbar=toolbar)
