@@ -223,3 +223,22 @@ def test_start_failure_names_the_reason_from_the_log(tmp_path: Path) -> None:
         daemon.start(tmp_path / "h", listen="nonsense")
     assert str(err.value) == ("the local server did not start: --listen must be HOST:PORT, "
                               "got 'nonsense'")
+
+
+def test_deep_histories_are_squashed_and_every_image_stays_identical(tmp_path: Path) -> None:
+    srv = start_api_server(tmp_path, env={"CONTREE_SQUASH_THRESHOLD": "4"})
+    try:
+        with srv.http() as http:
+            image = import_busybox(http)
+            chain = [image]
+            for i in range(12):
+                body = run(http, chain[-1], f"echo {i} >> /log; echo {i} > /f{i}")
+                assert body["status"] == "SUCCESS", body
+                chain.append(body["result"]["image"])
+            for i, img in enumerate(chain[1:]):
+                got = http.get(f"/v1/inspect/{img}/download", params={"path": "/log"})
+                assert got.content == "".join(f"{j}\n" for j in range(i + 1)).encode()
+            last = run(http, chain[-1], "cat /f0 /f11; wc -l < /log")
+            assert last["metadata"]["result"]["stdout"]["value"] == "0\n11\n12\n"
+    finally:
+        srv.stop()
