@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from contree_shell.sandbox.bootstrap import build_busybox_rootfs
-from contree_shell.sandbox.runtime import RunSpec, Sandbox
+from contree_shell.sandbox.runtime import NETWORK_SUPPORTED, RunSpec, Sandbox
 
 
 def fork_exec_true(true_path: str) -> float:
@@ -30,12 +30,12 @@ def fork_exec_true(true_path: str) -> float:
     return time.perf_counter() - t0
 
 
-def sandbox_true(image: Path, scratch: Path, i: int) -> float:
+def sandbox_true(image: Path, scratch: Path, i: int, network: bool = False) -> float:
     run = scratch / f"run{i}"
     upper, work = run / "upper", run / "work"
     upper.mkdir(parents=True)
     work.mkdir()
-    spec = RunSpec(argv=["true"], env={"PATH": "/bin"})
+    spec = RunSpec(argv=["true"], env={"PATH": "/bin"}, network=network)
     t0 = time.perf_counter()
     sb = Sandbox.start(lowers=[image], upper=upper, work=work, spec=spec,
                        on_output=lambda stream, chunk: None)  # fmt: skip
@@ -63,12 +63,17 @@ def main() -> int:
             fork_exec_true(true_path)
         base = [fork_exec_true(true_path) for _ in range(runs)]
         sand = [sandbox_true(image, scratch, i) for i in range(runs)]
+        net = ([sandbox_true(image, scratch, runs + i, network=True) for i in range(10)]
+               if NETWORK_SUPPORTED else [])  # fmt: skip
     b, s = statistics.median(base), statistics.median(sand)
     print(f"runs: {runs}")
     print(f"fork+exec true (baseline): median {b * 1000:.2f} ms")
     print(f"sandbox true (start->exit): median {s * 1000:.2f} ms "
           f"(p90 {statistics.quantiles(sand, n=10)[-1] * 1000:.2f} ms)")  # fmt: skip
     print(f"ratio sandbox/baseline: {s / b:.1f}x")
+    if net:
+        print(f"sandbox true with network=True (pasta), 10 runs: median "
+              f"{statistics.median(net) * 1000:.2f} ms")  # fmt: skip
     return 0
 
 
