@@ -29,7 +29,7 @@ from contree_shell.shell import builtins, commands
 from contree_shell.shell.completion.completer import ContreeCompleter
 from contree_shell.shell.completion.sources import Sources
 from contree_shell.shell.context import ShellContext
-from contree_shell.shell.dispatch import run_route
+from contree_shell.shell.dispatch import INTERRUPTED, run_route
 from contree_shell.shell.fresh_line import LineTrackingOutput, ensure_fresh_line
 from contree_shell.shell.keys import create_key_bindings
 from contree_shell.shell.lexer import ContreeShellLexer
@@ -225,12 +225,16 @@ def run_text(sh: ShellContext, text: str) -> bool:
     return run_commands(sh, split_commands(text))
 
 
-def run_commands(sh: ShellContext, commands_: list[str]) -> bool:
-    """Run already split commands in order. False when one of them was `exit`."""
+def run_commands(sh: ShellContext, commands_: list[str], *, stop_on_interrupt: bool = False
+                 ) -> bool:
+    """Run already split commands in order. False when one of them was `exit` (or, with
+    `stop_on_interrupt`, was interrupted with Ctrl-C: a script stops there, as sh does)."""
     for command in commands_:
         try:
-            run_route(sh, classify(command))
+            status = run_route(sh, classify(command))
         except EOFError:
+            return False
+        if stop_on_interrupt and status == INTERRUPTED:
             return False
     return True
 
@@ -243,7 +247,7 @@ def run_script(sh: ShellContext, stream: IO[str]) -> int:
     unterminated = bool(commands_) and isinstance(classify(commands_[-1]), Incomplete)
     if unterminated:
         commands_ = commands_[:-1]
-    if run_commands(sh, commands_) and unterminated:
+    if run_commands(sh, commands_, stop_on_interrupt=True) and unterminated:
         run_route(sh, ParseError("Parse error: unterminated quote at end of input"))
     return sh.last.status
 
