@@ -81,10 +81,6 @@ def run_builtin(sh: ShellContext, call: Builtin) -> int:
     return spec.handler(sh, call)
 
 
-def _out(text: str) -> None:
-    output.line(text.rstrip("\n"))
-
-
 # -- navigation ------------------------------------------------------------------------
 
 
@@ -101,7 +97,7 @@ def _cd(sh: ShellContext, call: Builtin) -> int:
         # Back to the image's own WORKDIR ("" = no cwd sent), as the official shell does.
         sh.ctx.store.append(sh.key, kind="cd", image=sh.ctx.current_image(), title="")
     elif call.args[0] == "-":
-        _out(display_cwd(change_directory(sh.ctx, sh.previous_cwd)))
+        output.line(display_cwd(change_directory(sh.ctx, sh.previous_cwd)))
     else:
         change_directory(sh.ctx, call.args[0])
     sh.previous_cwd = display_cwd(current)
@@ -110,7 +106,7 @@ def _cd(sh: ShellContext, call: Builtin) -> int:
 
 @builtin("pwd", "print the working directory in the sandbox")
 def _pwd(sh: ShellContext, call: Builtin) -> int:
-    _out(display_cwd(sh.cwd()))
+    output.line(display_cwd(sh.cwd()))
     return 0
 
 
@@ -161,11 +157,11 @@ def _history(sh: ShellContext, call: Builtin) -> int:
     if pattern:
         numbered = [(n, line) for n, line in numbered if pattern.lower() in line.lower()]
     if not lines:
-        _out("(no history)")
+        output.line("(no history)")
     elif not numbered:
-        _out(f"(no matches for {pattern!r})")
+        output.line(f"(no matches for {pattern!r})")
     else:
-        _out("\n".join(f"{n:5d}  {line}" for n, line in numbered))
+        output.line("\n".join(f"{n:5d}  {line}" for n, line in numbered))
     return 0
 
 
@@ -187,18 +183,18 @@ def _clear(sh: ShellContext, call: Builtin) -> int:
 def _help(sh: ShellContext, call: Builtin) -> int:
     topic = [w for w in call.args if w != "contree"]
     if not topic:
-        _out(general_help())
+        output.line(general_help())
         return 0
     spec = lookup(topic[0])
     if spec is not None and len(topic) == 1:
         aliases = f" (alias: {', '.join(spec.aliases)})" if spec.aliases else ""
-        _out(f"{spec.usage}\n    {spec.help}{aliases}")
+        output.line(f"{spec.usage}\n    {spec.help}{aliases}")
         return 0
     parser = commands.find_command(topic)
     if parser is None:
         output.error(f"help: no builtin or contree command {' '.join(topic)!r}")
         return 1
-    _out(parser.format_help())
+    output.line(parser.format_help().rstrip("\n"))
     return 0
 
 
