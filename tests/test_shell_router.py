@@ -197,3 +197,12 @@ def test_builtin_with_shell_operators_runs_in_the_sandbox() -> None:
 def test_quoted_operators_keep_a_builtin_local() -> None:
     assert classify("cd 'a;b'") == Builtin("cd", ["a;b"], "'a;b'")
     assert classify('history "a|b"') == Builtin("history", ["a|b"], '"a|b"')
+
+
+def test_contree_line_with_a_pipe_is_refused_with_a_hint() -> None:
+    from contree_shell.shell.router import CONTREE_OPERATORS
+
+    assert classify("contree ls / | head") == ParseError(CONTREE_OPERATORS)
+    assert classify("contree run -- sh -c 'a | b'") == ContreeCommand(
+        ["run", "--", "sh", "-c", "a | b"]
+    )

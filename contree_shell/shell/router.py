@@ -75,6 +75,10 @@ BUILTIN_NAMES = frozenset(
 )
 
 SHELL_IN_SHELL = "Error: 'contree shell' cannot be run from within the shell."
+CONTREE_OPERATORS = (
+    "Error: pipes, redirects and `;` do not apply to `contree …` lines in the shell; "
+    "quote them for the sandbox, e.g. contree run -- sh -c 'a | b'"
+)
 
 # Anything that makes a line more than "one command with literal words": when `ls`/`cat`
 # see one of these, the sandbox's real shell must interpret the line instead.
@@ -236,6 +240,8 @@ def classify(line: str) -> Route:
     if head == "contree":
         if _is_contree_shell(args):
             return ParseError(SHELL_IN_SHELL)
+        if has_unquoted_operator(_rest_after_first_word(line)):
+            return ParseError(CONTREE_OPERATORS)
         return ContreeCommand(args)
 
     if head not in BUILTIN_NAMES:
