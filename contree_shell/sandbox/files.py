@@ -45,8 +45,13 @@ class FileRecord:
     updated_at: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "sha256": self.sha256, "size": self.size,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+        return {
+            "uuid": self.uuid,
+            "sha256": self.sha256,
+            "size": self.size,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
 
 
 class Upload:
@@ -88,8 +93,9 @@ class FileStore:
         for stale in self.tmp_dir.iterdir():  # interrupted uploads
             stale.unlink(missing_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(root / "files.db"), check_same_thread=False,
-                                     isolation_level=None)
+        self._conn = sqlite3.connect(
+            str(root / "files.db"), check_same_thread=False, isolation_level=None
+        )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_SCHEMA)
 
@@ -122,11 +128,12 @@ class FileStore:
                 rec = FileRecord(str(uuidlib.uuid4()), sha, size, now, now)
                 self._conn.execute(
                     "INSERT INTO files (uuid, sha256, size, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?)", (rec.uuid, sha, size, now, now))
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (rec.uuid, sha, size, now, now),
+                )
             else:
                 rec = FileRecord(str(row[0]), sha, size, str(row[1]), now)
-                self._conn.execute("UPDATE files SET updated_at = ? WHERE sha256 = ?",
-                                   (now, sha))
+                self._conn.execute("UPDATE files SET updated_at = ? WHERE sha256 = ?", (now, sha))
         return rec
 
     def by_sha(self, sha: str) -> FileRecord:
@@ -138,8 +145,8 @@ class FileStore:
     def _one(self, column: str, value: str) -> FileRecord:
         with self._lock:
             row = self._conn.execute(
-                f"SELECT uuid, sha256, size, created_at, updated_at FROM files "
-                f"WHERE {column} = ?", (value,)
+                f"SELECT uuid, sha256, size, created_at, updated_at FROM files WHERE {column} = ?",
+                (value,),
             ).fetchone()
         if row is None or not (self.blobs / str(row[1])).exists():
             raise FileNotFound(value)
@@ -148,8 +155,14 @@ class FileStore:
     def blob_path(self, rec: FileRecord) -> Path:
         return self.blobs / rec.sha256
 
-    def list(self, *, since: datetime | None = None, until: datetime | None = None,
-             limit: int = 100, offset: int = 0) -> list[FileRecord]:
+    def list(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[FileRecord]:
         """Files newest first."""
         where: list[str] = []
         params: list[Any] = []

@@ -35,7 +35,9 @@ def normalize_import_request(body: Any) -> dict[str, Any]:
         raise RequestError(400, "'registry.url' is required")
     url = registry["url"].strip()
     scheme, _, rest = url.partition(":")
-    if (scheme == "busybox" and rest in ("", "latest")) or (scheme == "debootstrap" and rest and all(c.isalnum() or c in "-_." for c in rest)):
+    if (scheme == "busybox" and rest in ("", "latest")) or (
+        scheme == "debootstrap" and rest and all(c.isalnum() or c in "-_." for c in rest)
+    ):
         pass
     else:
         raise RequestError(
@@ -102,8 +104,12 @@ class ImportManager:
             if op_uuid in self._cancelled:
                 return
             value, encoding = encode_stream((line.rstrip("\n") + "\n").encode())
-            self.ops.append_event(op_uuid, "stderr", {
-                "value": value, "encoding": encoding, "truncated": False}, spid=0)
+            self.ops.append_event(
+                op_uuid,
+                "stderr",
+                {"value": value, "encoding": encoding, "truncated": False},
+                spid=0,
+            )
 
     def _worker(self, op_uuid: str, metadata: dict[str, Any]) -> None:
         from contree_shell.sandbox.bootstrap import build_busybox_rootfs, debootstrap_rootfs
@@ -123,18 +129,26 @@ class ImportManager:
             if url.startswith("busybox:"):
                 build_busybox_rootfs(dest)
             else:
-                debootstrap_rootfs(dest, url.partition(":")[2],
-                                   lambda line: self._event(op_uuid, line), cancel=stop)
+                debootstrap_rootfs(
+                    dest,
+                    url.partition(":")[2],
+                    lambda line: self._event(op_uuid, line),
+                    cancel=stop,
+                )
             if stop.is_set():
                 raise TimeoutError
             config = {"env": {"PATH": DEFAULT_PATH}, "workdir": None, "user": None}
-            image = str(self.store.add_rootfs(dest, tag=tag, config=config,
-                                             operation_uuid=op_uuid))
+            image = str(self.store.add_rootfs(dest, tag=tag, config=config, operation_uuid=op_uuid))
             with self._lock:
                 if op_uuid in self._cancelled:
                     return
-                self.ops.finish(op_uuid, "SUCCESS", result_image_uuid=image,
-                                result={"image": image, "tag": tag}, image_size=None)
+                self.ops.finish(
+                    op_uuid,
+                    "SUCCESS",
+                    result_image_uuid=image,
+                    result={"image": image, "tag": tag},
+                    image_size=None,
+                )
         except Exception as exc:
             if stop.is_set() and op_uuid not in self._cancelled:
                 message = f"import timed out after {metadata['timeout']}s"

@@ -378,6 +378,7 @@ class _Run:
     pending_signal: int | None = None
     stdin_open: bool = False
     stdin_recorded: int = 0
+    early: list[tuple[str, bytes]] | None = field(default_factory=list)  # before `spawn`
     streams: dict[str, _Stream] = field(
         default_factory=lambda: {"stdout": _Stream(), "stderr": _Stream(), "stdin": _Stream()}
     )
@@ -437,7 +438,10 @@ class InstanceManager:
         if self._shutting_down:
             raise RequestError(503, "the server is stopping")
         spec = normalize_spawn_request(
-            body, self.resolve_image, self._lookup_file, default_timeout=self.default_timeout,
+            body,
+            self.resolve_image,
+            self._lookup_file,
+            default_timeout=self.default_timeout,
             default_network=self.default_network,
         )
         raw_env = dict(body.get("env") or {})
@@ -569,6 +573,13 @@ class InstanceManager:
             run.streams["stdin"].dropped += len(data) - keep
 
     def _on_output(self, run: _Run, stream: str, chunk: bytes) -> None:
+        with run.lock:
+            if run.early is not None:  # `spawn` is not recorded yet
+                run.early.append((stream, chunk))
+                return
+            self._record_output(run, stream, chunk)
+
+    def _record_output(self, run: _Run, stream: str, chunk: bytes) -> None:
         rec = run.streams.get(stream)
         if rec is None:
             return
@@ -681,31 +692,24 @@ class InstanceManager:
             with run.lock:
                 if run.closed:
                     return
-                sandbox = Sandbox.start(
-                    lowers=layers,
-                    upper=Path(rundir.upper),
-                    work=Path(rundir.work),
-                    spec=rspec,
-                    on_output=lambda stream, chunk: self._on_output(run, stream, chunk),
-                )
+            # Not under run.lock: start() waits for the sandbox I/O thread, which may
+            # deliver output first; that output is held back until `spawn` is recorded.
+            sandbox = Sandbox.start(
+                lowers=layers,
+                upper=Path(rundir.upper),
+                work=Path(rundir.work),
+                spec=rspec,
+                on_output=lambda stream, chunk: self._on_output(run, stream, chunk),
+            )
+            with run.lock:
                 run.sandbox = sandbox
-                self._emit(
-                    run,
-                    "spawn",
-                    {
-                        "pid": int(getattr(sandbox, "pid", 0) or 0),
-                        "command": argv[0],
-                        "args": argv[1:],
-                        "shell": spec["shell"],
-                        "cwd": cwd,
-                        "uid": spec["uid"],
-                        "gid": spec["gid"],
-                        "timeout": spec["timeout"],
-                        "truncate_at": spec["truncate_output_at"],
-                        "env": mask_env(env),
-                    },
-                    1,
-                )
+                cancelled = run.closed  # cancelled while starting
+                if not cancelled:
+                    self._emit_spawn(run, sandbox, argv, cwd, env)
+            if cancelled:
+                sandbox.kill()
+                sandbox.wait()
+                return
             run.started.set()
             if run.pending_signal is not None:
                 _wait_until_exec(sandbox)
@@ -722,6 +726,32 @@ class InstanceManager:
                     self.store.discard(rundir)
                 except Exception:
                     log.exception("discard of %s failed", rundir.path)
+
+    def _emit_spawn(
+        self, run: _Run, sandbox: Any, argv: list[str], cwd: str, env: dict[str, str]
+    ) -> None:
+        """Record `spawn` (spid 1), then the output that arrived before it."""
+        spec = run.spec
+        self._emit(
+            run,
+            "spawn",
+            {
+                "pid": int(getattr(sandbox, "pid", 0) or 0),
+                "command": argv[0],
+                "args": argv[1:],
+                "shell": spec["shell"],
+                "cwd": cwd,
+                "uid": spec["uid"],
+                "gid": spec["gid"],
+                "timeout": spec["timeout"],
+                "truncate_at": spec["truncate_output_at"],
+                "env": mask_env(env),
+            },
+            1,
+        )
+        early, run.early = run.early, None
+        for stream, chunk in early or []:
+            self._record_output(run, stream, chunk)
 
     def _feed_initial_stdin(self, run: _Run, data: bytes, close: bool) -> None:
         if not run.stdin_open:

@@ -174,8 +174,16 @@ _COLUMNS = (
 )
 _UPDATABLE = frozenset(
     {
-        "status", "error", "duration", "image_uuid", "result_image_uuid", "image_size",
-        "consumed_cpu", "consumed_memory", "metadata", "result",
+        "status",
+        "error",
+        "duration",
+        "image_uuid",
+        "result_image_uuid",
+        "image_size",
+        "consumed_cpu",
+        "consumed_memory",
+        "metadata",
+        "result",
     }
 )
 
@@ -203,23 +211,56 @@ class OperationsDB:
 
     # -- operations ---------------------------------------------------------------
 
-    def create(self, kind: str, metadata: dict[str, Any], *, image_uuid: str | None = None,
-               op_uuid: str | None = None) -> Operation:
+    def create(
+        self,
+        kind: str,
+        metadata: dict[str, Any],
+        *,
+        image_uuid: str | None = None,
+        op_uuid: str | None = None,
+    ) -> Operation:
         """Insert a PENDING operation and return it."""
         now = utcnow()
         op = Operation(
-            uuid=op_uuid or str(uuidlib.uuid4()), kind=kind, status="PENDING", error=None,
-            created_at=now, updated_at=now, started_at=now.timestamp(), duration=None,
-            image_uuid=image_uuid, result_image_uuid=None, image_size=None, consumed_cpu=None,
-            consumed_memory=None, metadata=metadata, result=None,
+            uuid=op_uuid or str(uuidlib.uuid4()),
+            kind=kind,
+            status="PENDING",
+            error=None,
+            created_at=now,
+            updated_at=now,
+            started_at=now.timestamp(),
+            duration=None,
+            image_uuid=image_uuid,
+            result_image_uuid=None,
+            image_size=None,
+            consumed_cpu=None,
+            consumed_memory=None,
+            metadata=metadata,
+            result=None,
         )
         with self._lock:
             self._seq += 1
             self._conn.execute(
                 f"INSERT INTO operations (seq, {_COLUMNS}) VALUES "
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (self._seq, op.uuid, kind, op.status, None, iso(now), iso(now), op.started_at,
-                 None, image_uuid, None, None, None, None, json.dumps(metadata), None),
+                (
+                    self._seq,
+                    op.uuid,
+                    kind,
+                    op.status,
+                    None,
+                    iso(now),
+                    iso(now),
+                    op.started_at,
+                    None,
+                    image_uuid,
+                    None,
+                    None,
+                    None,
+                    None,
+                    json.dumps(metadata),
+                    None,
+                ),
             )
             self._next_id[op.uuid] = 0
         return op
@@ -234,9 +275,16 @@ class OperationsDB:
             raise OperationNotFound(op_uuid)
         return _decode(row)
 
-    def list(self, *, status: str | None = None, kind: str | None = None,
-             since: datetime | None = None, until: datetime | None = None,
-             limit: int = 100, offset: int = 0) -> list[Operation]:
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Operation]:
         """Operations newest first, filtered."""
         where: list[str] = []
         params: list[Any] = []
@@ -273,8 +321,9 @@ class OperationsDB:
         """Set columns of a non-terminal operation (terminal operations never change)."""
         self._set(op_uuid, fields, only_active=True)
 
-    def finish(self, op_uuid: str, status: str, *, completion: dict[str, Any] | None = None,
-               **fields: Any) -> bool:
+    def finish(
+        self, op_uuid: str, status: str, *, completion: dict[str, Any] | None = None, **fields: Any
+    ) -> bool:
         """Move an active operation to a terminal status and append `completion` last.
 
         Atomic against concurrent finishers (cancel vs the worker): only the first one
@@ -324,8 +373,9 @@ class OperationsDB:
 
     # -- events -------------------------------------------------------------------
 
-    def append_event(self, op_uuid: str, type_: str, data: dict[str, Any],
-                     *, spid: int | None = 0) -> int:
+    def append_event(
+        self, op_uuid: str, type_: str, data: dict[str, Any], *, spid: int | None = 0
+    ) -> int:
         """Append one event and wake followers; returns its id."""
         ts = iso_z(utcnow())
         payload = json.dumps(data, separators=(",", ":"))
@@ -345,8 +395,14 @@ class OperationsDB:
         self._wake(op_uuid)
         return next_id
 
-    def events(self, op_uuid: str, *, after: int | None = None, spid: int | None = None,
-               limit: int | None = None) -> builtins.list[Event]:
+    def events(
+        self,
+        op_uuid: str,
+        *,
+        after: int | None = None,
+        spid: int | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[Event]:
         """Events with id > after (all when None), optionally of one spid, in id order."""
         sql = "SELECT id, ts, spid, type, data FROM events WHERE op = ? AND id > ?"
         params: list[Any] = [op_uuid, -1 if after is None else after]
@@ -369,8 +425,7 @@ class OperationsDB:
         with self._lock:
             self._waiters.setdefault(op, _Waiters()).loops.add(key)
 
-    def _remove_waiter(self, op: str, key: tuple[asyncio.AbstractEventLoop, asyncio.Event]
-                       ) -> None:
+    def _remove_waiter(self, op: str, key: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
         with self._lock:
             w = self._waiters.get(op)
             if w is not None:
@@ -411,13 +466,37 @@ class OperationsDB:
 
 
 def _decode(row: tuple[Any, ...]) -> Operation:
-    (u, kind, status, error, created, updated, started, duration, image_uuid, result_image,
-     image_size, cpu, mem, metadata, result) = row
+    (
+        u,
+        kind,
+        status,
+        error,
+        created,
+        updated,
+        started,
+        duration,
+        image_uuid,
+        result_image,
+        image_size,
+        cpu,
+        mem,
+        metadata,
+        result,
+    ) = row
     return Operation(
-        uuid=u, kind=kind, status=status, error=error,
-        created_at=datetime.fromisoformat(created), updated_at=datetime.fromisoformat(updated),
-        started_at=float(started), duration=duration, image_uuid=image_uuid,
-        result_image_uuid=result_image, image_size=image_size, consumed_cpu=cpu,
-        consumed_memory=mem, metadata=json.loads(metadata),
+        uuid=u,
+        kind=kind,
+        status=status,
+        error=error,
+        created_at=datetime.fromisoformat(created),
+        updated_at=datetime.fromisoformat(updated),
+        started_at=float(started),
+        duration=duration,
+        image_uuid=image_uuid,
+        result_image_uuid=result_image,
+        image_size=image_size,
+        consumed_cpu=cpu,
+        consumed_memory=mem,
+        metadata=json.loads(metadata),
         result=json.loads(result) if result else None,
     )

@@ -133,9 +133,14 @@ async def list_images(request: Request) -> Response:
     if uuid_filter is not None:
         uuid_filter = require_uuid(uuid_filter, "uuid filter")
     rows = await run_in_threadpool(
-        state.store.list, tagged=flag(q, "tagged") or tag_prefix is not None,
-        tag_prefix=tag_prefix, uuid=uuid_filter, since=time_param(q, "since"),
-        until=time_param(q, "until"), limit=limit, offset=offset,
+        state.store.list,
+        tagged=flag(q, "tagged") or tag_prefix is not None,
+        tag_prefix=tag_prefix,
+        uuid=uuid_filter,
+        since=time_param(q, "since"),
+        until=time_param(q, "until"),
+        limit=limit,
+        offset=offset,
     )
     return JSONResponse({"images": [image_json(rec, tag) for rec, tag in rows]})
 
@@ -179,8 +184,9 @@ async def import_image(request: Request) -> Response:
     state = _state(request)
     body = await _json_body(request)
     op_uuid = state.imports.start(body)
-    return JSONResponse({"uuid": op_uuid}, status_code=201,
-                        headers={"Location": f"/v1/operations/{op_uuid}"})
+    return JSONResponse(
+        {"uuid": op_uuid}, status_code=201, headers={"Location": f"/v1/operations/{op_uuid}"}
+    )
 
 
 # --------------------------------------------------------------------------- inspect
@@ -290,16 +296,15 @@ def _list_dir(state: ServerState, image_uuid: str, path: str, text: bool) -> Res
             return PlainTextResponse(body if body.endswith("\n") else body + "\n")
         users = _names(view, "/etc/passwd")
         groups = _names(view, "/etc/group")
-    return JSONResponse({"path": dirpath, "files": [_file_item(e, users, groups)
-                                                    for e in entries]})
-
+    return JSONResponse({"path": dirpath, "files": [_file_item(e, users, groups) for e in entries]})
 
 
 async def list_dir(request: Request) -> Response:
     state = _state(request)
     path = _path_param(request)
-    return await run_in_threadpool(_list_dir, state, request.path_params["uuid"], path,
-                                   flag(request.query_params, "text"))
+    return await run_in_threadpool(
+        _list_dir, state, request.path_params["uuid"], path, flag(request.query_params, "text")
+    )
 
 
 def _open_file(state: ServerState, image_uuid: str, path: str) -> tuple[Any, int]:
@@ -330,8 +335,11 @@ async def download(request: Request) -> Response:
     state = _state(request)
     path = _path_param(request)
     fh, size = await run_in_threadpool(_open_file, state, request.path_params["uuid"], path)
-    media = "text/plain; charset=utf-8" if flag(request.query_params, "text") \
+    media = (
+        "text/plain; charset=utf-8"
+        if flag(request.query_params, "text")
         else "application/octet-stream"
+    )
     headers = {"Content-Length": str(size)}
     if request.method == "HEAD":
         fh.close()
@@ -353,16 +361,16 @@ async def upload_file(request: Request) -> Response:
     except BaseException:
         upload.abort()
         raise
-    return JSONResponse({"uuid": rec.uuid, "sha256": rec.sha256, "size": rec.size},
-                        status_code=201)
+    return JSONResponse({"uuid": rec.uuid, "sha256": rec.sha256, "size": rec.size}, status_code=201)
 
 
 async def list_files(request: Request) -> Response:
     state = _state(request)
     q = request.query_params
     limit, offset = page(q)
-    recs = state.files.list(since=time_param(q, "since"), until=time_param(q, "until"),
-                            limit=limit, offset=offset)
+    recs = state.files.list(
+        since=time_param(q, "since"), until=time_param(q, "until"), limit=limit, offset=offset
+    )
     return JSONResponse({"files": [r.as_dict() for r in recs]})
 
 
@@ -420,8 +428,9 @@ async def spawn_instance(request: Request) -> Response:
     state = _state(request)
     body = await _json_body(request)
     echo = state.instances.spawn(body)
-    return JSONResponse(echo, status_code=201,
-                        headers={"Location": f"/v1/operations/{echo['uuid']}"})
+    return JSONResponse(
+        echo, status_code=201, headers={"Location": f"/v1/operations/{echo['uuid']}"}
+    )
 
 
 async def list_operations(request: Request) -> Response:
@@ -432,13 +441,20 @@ async def list_operations(request: Request) -> Response:
     if status is not None:
         status = status.upper()
         if status not in STATUSES:
-            raise ApiError(400, f"invalid status {q.get('status')!r} "
-                                f"(one of {', '.join(sorted(STATUSES))})")
+            raise ApiError(
+                400, f"invalid status {q.get('status')!r} (one of {', '.join(sorted(STATUSES))})"
+            )
     kind = q.get("kind") or None
     if kind is not None and kind not in KINDS:
         raise ApiError(400, f"invalid kind {kind!r} (image_import or instance)")
-    ops = state.ops.list(status=status, kind=kind, since=time_param(q, "since"),
-                         until=time_param(q, "until"), limit=limit, offset=offset)
+    ops = state.ops.list(
+        status=status,
+        kind=kind,
+        since=time_param(q, "since"),
+        until=time_param(q, "until"),
+        limit=limit,
+        offset=offset,
+    )
     return JSONResponse([operation_json(op, full=False) for op in ops])
 
 
@@ -447,8 +463,11 @@ async def get_operation(request: Request) -> Response:
     op = _get_op(state, request.path_params["op"])
     headers = None if op.status in TERMINAL else {"Retry-After": "1"}
     body = operation_json(op, full=True)
-    if op.kind == "instance" and op.status == "EXECUTING" and flag(request.query_params,
-                                                                   "inflight"):
+    if (
+        op.kind == "instance"
+        and op.status == "EXECUTING"
+        and flag(request.query_params, "inflight")
+    ):
         body["metadata"]["result"] = state.instances.partial_result(op.uuid)
     return JSONResponse(body, headers=headers)
 
@@ -460,8 +479,11 @@ async def get_subprocess(request: Request) -> Response:
     spid = _spid(request)
     if op.kind != "instance" or spid != 1 or op.status == "CANCELLED":
         raise ApiError(404, f"no process with spid {spid} in operation {op.uuid}")
-    result = op.metadata.get("result") if op.status in TERMINAL else \
-        state.instances.partial_result(op.uuid)
+    result = (
+        op.metadata.get("result")
+        if op.status in TERMINAL
+        else state.instances.partial_result(op.uuid)
+    )
     if result is None:
         if op.status in TERMINAL:
             raise ApiError(404, f"no process with spid {spid} in operation {op.uuid}")
@@ -500,8 +522,11 @@ async def operation_events(request: Request) -> Response:
         if since < 0:
             raise ApiError(400, "Last-Event-Id must be >= 0")
     stream = event_stream(state.ops, op.uuid, after=since, spid=spid, follow=flag(q, "follow"))
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _spid(request: Request) -> int:
@@ -520,8 +545,7 @@ async def exec_subprocess(request: Request) -> Response:
     op = _get_op(state, request.path_params["op"])
     if op.kind != "instance" or op.status in TERMINAL:
         raise ApiError(409, "operation is not a running instance")
-    raise ApiError(501, "extra subprocesses (spid >= 2) are not supported by the local "
-                        "server yet")
+    raise ApiError(501, "extra subprocesses (spid >= 2) are not supported by the local server yet")
 
 
 async def signal_process(request: Request) -> Response:
@@ -546,8 +570,7 @@ async def write_stdin(request: Request) -> Response:
     spid = _spid(request)
     body = await _json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("value", None), str):
-        raise ApiError(400, "body must be {\"value\": str, \"encoding\": ascii|base64, "
-                            "\"close\": bool}")
+        raise ApiError(400, 'body must be {"value": str, "encoding": ascii|base64, "close": bool}')
     encoding = body.get("encoding") or "ascii"
     if encoding not in ("ascii", "base64"):
         raise ApiError(400, "'encoding' must be 'ascii' or 'base64'")
@@ -570,19 +593,21 @@ async def write_stdin(request: Request) -> Response:
 
 async def whoami(request: Request) -> Response:
     state = _state(request)
-    return JSONResponse({
-        "token_uuid": state.token_uuid,
-        "token_expiration": None,
-        "permissions": dict.fromkeys(PERMISSIONS, True),
-        "limits": {
-            "instance_max_timeout": 3600,
-            "instance_max_concurrency": 16,
-            "images_import_max_concurrency": 2,
-            "images_import_max_timeout": 3600,
-        },
-        "operations_stat": state.ops.counts(),
-        "server": {"name": "contree-shell local server", "version": __version__},
-    })
+    return JSONResponse(
+        {
+            "token_uuid": state.token_uuid,
+            "token_expiration": None,
+            "permissions": dict.fromkeys(PERMISSIONS, True),
+            "limits": {
+                "instance_max_timeout": 3600,
+                "instance_max_concurrency": 16,
+                "images_import_max_concurrency": 2,
+                "images_import_max_timeout": 3600,
+            },
+            "operations_stat": state.ops.counts(),
+            "server": {"name": "contree-shell local server", "version": __version__},
+        }
+    )
 
 
 class TokenAuth:
@@ -599,9 +624,11 @@ class TokenAuth:
                 header = dict(scope.get("headers") or []).get(b"authorization", b"")
                 scheme, _, given = header.decode("latin-1").partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(
-                        given.strip().encode(), self.token.encode()):
-                    resp = error_response(401, "missing or invalid bearer token",
-                                          {"WWW-Authenticate": "Bearer"})
+                    given.strip().encode(), self.token.encode()
+                ):
+                    resp = error_response(
+                        401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
+                    )
                     await resp(scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -645,8 +672,11 @@ def create_app(state: ServerState) -> ASGIApp:
         yield
         await run_in_threadpool(state.close)
 
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-                    lifespan=lifespan)
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
     app.state.contree = state
     return TokenAuth(app, state.token)
 

@@ -73,8 +73,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"operations: {info['operations']}",
         "preflight:",
     ]
-    lines += [f"  {'ok ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"
-              for c in info["preflight"]]
+    lines += [
+        f"  {'ok ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in info["preflight"]
+    ]
     _out("\n".join(lines))
     return 0 if info["running"] else 3
 
@@ -100,8 +101,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `server` and its subcommands; each handler `(args) -> int` is `args.func`."""
     parser = subparsers.add_parser("server", help="run or manage the local Contree server")
-    parser.add_argument("--home", help="server home directory (default: "
-                                       "$CONTREE_SERVER_HOME or $XDG_DATA_HOME/contree/server)")
+    parser.add_argument(
+        "--home",
+        help="server home directory (default: "
+        "$CONTREE_SERVER_HOME or $XDG_DATA_HOME/contree/server)",
+    )
     sub = parser.add_subparsers(dest="server_command", metavar="COMMAND")
     sub.required = True
 
@@ -112,10 +116,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         return p
 
     run = add("run", cmd_run, "serve in the foreground")
-    run.add_argument("--listen", metavar="HOST:PORT",
-                     help="also serve TCP (requires the bearer token, see `server token`)")
-    run.add_argument("--log-level", default="info",
-                     choices=["critical", "error", "warning", "info", "debug"])
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also serve TCP (requires the bearer token, see `server token`)",
+    )
+    run.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     start = add("start", cmd_start, "start the server in the background")
     start.add_argument("--listen", metavar="HOST:PORT", help="also serve TCP")
     add("stop", cmd_stop, "stop the background server")

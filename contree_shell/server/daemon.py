@@ -74,8 +74,9 @@ class Check:
 
 def _userns_works() -> bool:
     try:
-        out = subprocess.run(["unshare", "--user", "--map-root-user", "true"],
-                             capture_output=True, timeout=10)
+        out = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "true"], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0
@@ -87,26 +88,45 @@ def preflight() -> list[Check]:
     if os.geteuid() == 0:
         checks.append(Check("privileges", True, "running as root"))
     else:
-        checks.append(Check(
-            "privileges", False,
-            "the local server needs root (user-namespace mode comes later)"))
+        checks.append(
+            Check(
+                "privileges", False, "the local server needs root (user-namespace mode comes later)"
+            )
+        )
     try:
         filesystems = Path("/proc/filesystems").read_text()
     except OSError:
         filesystems = ""
     has_overlay = any(line.split()[-1:] == ["overlay"] for line in filesystems.splitlines())
-    checks.append(Check("overlayfs", has_overlay,
-                        "overlay is available" if has_overlay else
-                        "overlayfs is not available in this kernel (no 'overlay' in "
-                        "/proc/filesystems)"))
+    checks.append(
+        Check(
+            "overlayfs",
+            has_overlay,
+            "overlay is available"
+            if has_overlay
+            else "overlayfs is not available in this kernel (no 'overlay' in /proc/filesystems)",
+        )
+    )
     busybox = Path("/bin/busybox")
-    checks.append(Check("busybox", busybox.exists(),
-                        "host busybox found (busybox: imports)" if busybox.exists() else
-                        "no /bin/busybox: `busybox:` imports will fail"))
+    checks.append(
+        Check(
+            "busybox",
+            busybox.exists(),
+            "host busybox found (busybox: imports)"
+            if busybox.exists()
+            else "no /bin/busybox: `busybox:` imports will fail",
+        )
+    )
     network = _network_supported()
-    checks.append(Check("network", True,
-                        "pasta found: runs with networking get outbound NAT" if network else
-                        "pasta not found: runs are offline (networking is ignored)"))
+    checks.append(
+        Check(
+            "network",
+            True,
+            "pasta found: runs with networking get outbound NAT"
+            if network
+            else "pasta not found: runs are offline (networking is ignored)",
+        )
+    )
     try:
         from contree_shell.sandbox import runtime
 
@@ -165,8 +185,9 @@ def _probe(sock: Path, timeout: float = 2.0) -> dict[str, Any] | None:
     if not sock.exists():
         return None
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
-                          base_url="http://contree", timeout=timeout) as client:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://contree", timeout=timeout
+        ) as client:
             resp = client.get("/v1/whoami")
             if resp.status_code == 200:
                 body: dict[str, Any] = resp.json()
@@ -232,14 +253,30 @@ def build_state(home: Path, token: str | None) -> Any:
     timeout = int(os.environ.get("CONTREE_DEFAULT_TIMEOUT", "600") or 600)
     # The API's default is networking on; the engine pays for a user-mode NAT per run
     # then, so a local user may flip the default (an explicit request always wins).
-    default_network = os.environ.get("CONTREE_DEFAULT_NETWORKING", "1").strip().lower() \
-        not in ("0", "false", "no", "off")
-    instances = InstanceManager(store=store, ops=ops, files=files, default_timeout=timeout,
-                                network_supported=_network_supported(),
-                                default_network=default_network)
+    default_network = os.environ.get("CONTREE_DEFAULT_NETWORKING", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+    instances = InstanceManager(
+        store=store,
+        ops=ops,
+        files=files,
+        default_timeout=timeout,
+        network_supported=_network_supported(),
+        default_network=default_network,
+    )
     imports = ImportManager(store=store, store_root=store_root, ops=ops)
-    return ServerState(home=home, store=store, ops=ops, files=files, instances=instances,
-                       imports=imports, token=token)
+    return ServerState(
+        home=home,
+        store=store,
+        ops=ops,
+        files=files,
+        instances=instances,
+        imports=imports,
+        token=token,
+    )
 
 
 def _network_supported() -> bool:
@@ -251,16 +288,17 @@ def _network_supported() -> bool:
     return bool(getattr(runtime, "NETWORK_SUPPORTED", False))
 
 
-def run_server(home: Path | None = None, listen: str | None = None,
-               log_level: str = "info") -> int:
+def run_server(home: Path | None = None, listen: str | None = None, log_level: str = "info") -> int:
     """Serve in the foreground until SIGTERM/SIGINT. Returns the exit status."""
     import uvicorn
 
     from contree_shell.server.app import create_app
 
     home = server_home(home)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     require_preflight()
     # Runs hop between threads (request loop, worker, sandbox I/O thread) several times;
     # with the default 5 ms GIL switch interval each hop can wait a whole interval, which
@@ -280,8 +318,13 @@ def run_server(home: Path | None = None, listen: str | None = None,
         sockets.append(_bind_tcp(listen))
     state = build_state(home, token)
     (home / PID_NAME).write_text(f"{os.getpid()}\n")
-    config = uvicorn.Config(create_app(state), log_level=log_level.lower(), lifespan="on",
-                            timeout_graceful_shutdown=5, access_log=False)
+    config = uvicorn.Config(
+        create_app(state),
+        log_level=log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        access_log=False,
+    )
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -298,8 +341,12 @@ def run_server(home: Path | None = None, listen: str | None = None,
                 captured.clear()
 
     server = _Server(config)
-    log.info("contree server %s listening on %s%s", __version__, socket_path(home),
-             f" and {listen}" if listen else "")
+    log.info(
+        "contree server %s listening on %s%s",
+        __version__,
+        socket_path(home),
+        f" and {listen}" if listen else "",
+    )
     try:
         server.run(sockets=sockets)
     finally:
@@ -351,8 +398,9 @@ def server_command(home: Path, listen: str | None = None) -> list[str]:
     return argv
 
 
-def start(home: Path | None = None, listen: str | None = None,
-          timeout: float = START_TIMEOUT) -> int:
+def start(
+    home: Path | None = None, listen: str | None = None, timeout: float = START_TIMEOUT
+) -> int:
     """Start a background server (if none answers) and return its pid."""
     home = server_home(home)
     sock = socket_path(home)
@@ -366,8 +414,12 @@ def start(home: Path | None = None, listen: str | None = None,
         logfile.write(f"--- starting contree server {__version__}\n".encode())
         logfile.flush()
         proc = subprocess.Popen(
-            server_command(home, listen), stdin=subprocess.DEVNULL, stdout=logfile,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            server_command(home, listen),
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
             cwd="/",
         )
     deadline = time.monotonic() + timeout
@@ -444,7 +496,8 @@ def status(home: Path | None = None) -> dict[str, Any]:
         "store": str(home / "store"),
         "images": _count_images(home),
         "operations": sum((answer or {}).get("operations_stat", {}).values())
-        if answer else _count_ops(home),
+        if answer
+        else _count_ops(home),
         "preflight": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in preflight()],
     }
     return info

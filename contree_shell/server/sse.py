@@ -18,9 +18,15 @@ def frame(event: Event) -> bytes:
     return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
 
-async def event_stream(ops: OperationsDB, op_uuid: str, *, after: int | None,
-                       spid: int | None, follow: bool,
-                       keepalive: float = KEEPALIVE_SECONDS) -> AsyncIterator[bytes]:
+async def event_stream(
+    ops: OperationsDB,
+    op_uuid: str,
+    *,
+    after: int | None,
+    spid: int | None,
+    follow: bool,
+    keepalive: float = KEEPALIVE_SECONDS,
+) -> AsyncIterator[bytes]:
     """Yield frames of `op_uuid` with id > after; with `follow`, until `completion`.
 
     Waiting is event-driven: the subscription is cleared before each read, so an event

@@ -22,8 +22,14 @@ def flag(params: QueryParams, name: str) -> bool:
     return params[name].strip().lower() not in ("0", "false", "no", "off")
 
 
-def int_param(params: QueryParams, name: str, default: int | None, *, minimum: int = 0,
-              maximum: int | None = None) -> int | None:
+def int_param(
+    params: QueryParams,
+    name: str,
+    default: int | None,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+) -> int | None:
     """An integer query parameter in range, or 400."""
     raw = params.get(name)
     if raw is None or raw == "":
@@ -79,8 +85,11 @@ def time_param(params: QueryParams, name: str) -> datetime | None:
     try:
         return parse_time(raw)
     except ValueError:
-        raise ApiError(400, f"'{name}' must be a Unix timestamp, an interval like 15m, "
-                            f"or an ISO datetime, got {raw!r}") from None
+        raise ApiError(
+            400,
+            f"'{name}' must be a Unix timestamp, an interval like 15m, "
+            f"or an ISO datetime, got {raw!r}",
+        ) from None
 
 
 def require_uuid(value: str, what: str = "uuid") -> str:
