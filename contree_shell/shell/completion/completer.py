@@ -139,13 +139,14 @@ class ContreeCompleter(Completer):
         entries = self.sources.list_dir(self._image(), directory)
         quoted = word.raw != word.value
         for entry in sorted(entries, key=lambda e: e.name):
-            if dirs_only and not entry.is_dir:
+            if dirs_only and not (entry.is_dir or entry.is_link):
                 continue
             if not entry.name.startswith(base):
                 continue
             if entry.name.startswith(".") and not base.startswith("."):
                 continue
-            suffix = "/" if entry.is_dir else ""
+            # A symlink offered where only directories fit is taken to point at one.
+            suffix = "/" if entry.is_dir or (dirs_only and entry.is_link) else ""
             display = entry.name + suffix
             if quoted:
                 # The typed word has quotes: replace all of it with a freshly quoted path.

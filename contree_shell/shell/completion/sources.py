@@ -30,6 +30,7 @@ class Entry:
 
     name: str
     is_dir: bool
+    is_link: bool = False  # a symlink: its target may be a directory (Debian's /bin)
 
 
 def _entries_from_listing(body: Any) -> list[Entry]:
@@ -41,7 +42,7 @@ def _entries_from_listing(body: Any) -> list[Entry]:
             continue
         name = str(item.get("path") or item.get("name") or "").rstrip("/").rsplit("/", 1)[-1]
         if name and name not in (".", ".."):
-            entries.append(Entry(name, bool(item.get("is_dir"))))
+            entries.append(Entry(name, bool(item.get("is_dir")), bool(item.get("is_symlink"))))
     return entries
 
 
@@ -149,11 +150,12 @@ class Sources:
 
         def fetch() -> list[list[Any]]:
             body = self.ctx.client.list_dir(image, directory)
-            return [[e.name, e.is_dir] for e in _entries_from_listing(body)]
+            return [[e.name, e.is_dir, e.is_link] for e in _entries_from_listing(body)]
 
         try:
             rows = self._cached(self._namespace(image), f"ls:{directory}", DIR_TTL, fetch)
-            return [Entry(str(name), bool(is_dir)) for name, is_dir in rows or []]
+            return [Entry(str(row[0]), bool(row[1]), bool(row[2]) if len(row) > 2 else False)
+                    for row in rows or []]
         except Exception:
             log.debug("directory completion failed for %s", directory, exc_info=True)
             return []
