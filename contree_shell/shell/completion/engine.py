@@ -99,8 +99,6 @@ class Analysis:
 
 # Builtins whose arguments are sandbox paths (cd: directories only).
 _PATH_BUILTINS = {"cd": True, "ls": False, "cat": False}
-# Builtins that take nothing worth completing.
-_QUIET_BUILTINS = {"pwd", "clear", "exit", "quit", "history"}
 
 # Argument names → data source. Matched on the argparse dest and metavar (lowercased),
 # so the CLI's command modules need no completion-specific annotations.
@@ -236,9 +234,7 @@ def _builtin_args(
         if not rest:
             return (BuiltinNames(),) if not _looks_like_path(word.value) else (SandboxPath(),)
         return _remote_arg(word)
-    if head in _QUIET_BUILTINS:
-        return ()
-    return ()
+    return ()  # pwd, clear, exit, history: nothing worth completing
 
 
 # -- the argparse walk ---------------------------------------------------------------------
