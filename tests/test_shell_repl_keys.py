@@ -150,3 +150,12 @@ def test_a_pasted_block_is_one_entry_and_runs_line_by_line(
     text = repl.read()
     assert text == "cd /tmp\necho 'a\nb'\npwd"
     assert split_commands(text) == ["cd /tmp", "echo 'a\nb'", "pwd"]
+
+
+def test_a_line_with_a_credential_is_not_persisted(shell: ShellContext, pipe: PipeInput) -> None:
+    repl = Repl(shell)
+    pipe.send_text("export API_TOKEN=abc" + ENTER)
+    repl.read()
+    pipe.send_text("pwd" + ENTER)
+    repl.read()
+    assert shell.history.lines() == ["pwd"]

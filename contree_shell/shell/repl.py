@@ -35,6 +35,7 @@ from contree_shell.shell.keys import create_key_bindings
 from contree_shell.shell.lexer import ContreeShellLexer
 from contree_shell.shell.prompt import continuation, prompt_message
 from contree_shell.shell.router import Incomplete, ParseError, classify, split_commands
+from contree_shell.shell.secrets import looks_secret
 from contree_shell.shell.settings import ShellSettings, load_settings
 from contree_shell.shell.status import ImageLabels, Snapshot, take_snapshot
 from contree_shell.shell.style import style_factory
@@ -77,6 +78,18 @@ def _open_history(sh: ShellContext) -> Any:
     except Exception as exc:
         output.warn(f"shell history is not available: {exc}")
         return None
+
+
+def _prompt_history(store: Any) -> History:
+    """The state's prompt_toolkit History, minus lines that carry credentials."""
+    from contree_shell.state.history import PromptHistory
+
+    class _Filtered(PromptHistory):
+        def store_string(self, string: str) -> None:
+            if not looks_secret(string):
+                super().store_string(string)
+
+    return _Filtered(store)
 
 
 def _open_cache(sh: ShellContext) -> Any:
@@ -139,9 +152,7 @@ class Repl:
         self.sources = Sources(sh.ctx, _open_cache(sh))
         history: History = InMemoryHistory()
         if sh.history is not None:
-            from contree_shell.state.history import PromptHistory
-
-            history = ThreadedHistory(PromptHistory(sh.history))
+            history = ThreadedHistory(_prompt_history(sh.history))
         completer = ContreeCompleter(
             self.sources,
             parser=commands.shell_parser,
