@@ -174,6 +174,7 @@ class Repl:
             include_default_pygments_style=False,
             key_bindings=create_key_bindings(),
             enable_history_search=False,
+            vi_mode=self.settings.vi,
         )
         self.labels.on_change = self._redraw
         _toolbar_under_the_input(self.session)

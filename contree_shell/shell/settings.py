@@ -4,6 +4,7 @@
 |---------------------|------------------------|-----------------------|
 | `shell_image`       | `CONTREE_SHELL_IMAGE`  | `tag:debian:bookworm` |
 | `shell_toolbar`     | `CONTREE_SHELL_TOOLBAR`| `always`              |
+| `shell_editing_mode`| `CONTREE_SHELL_EDITING_MODE` | `emacs` (or `vi`) |
 
 `shell_toolbar`: `always` keeps the status toolbar under the prompt; `typing` shows it
 only while a command is being edited (an idle screen is then just output and prompts,
@@ -30,6 +31,7 @@ class ShellSettings:
 
     image: str = DEFAULT_IMAGE
     toolbar: str = "always"
+    vi: bool = False
 
 
 def load_settings() -> ShellSettings:
@@ -46,4 +48,6 @@ def load_settings() -> ShellSettings:
                or "always").strip().lower()
     if toolbar not in TOOLBAR_MODES:
         toolbar = "always"
-    return ShellSettings(image=image.strip(), toolbar=toolbar)
+    mode = (os.environ.get("CONTREE_SHELL_EDITING_MODE") or ini.get("shell_editing_mode")
+            or "emacs").strip().lower()
+    return ShellSettings(image=image.strip(), toolbar=toolbar, vi=mode == "vi")
