@@ -206,6 +206,12 @@ def _bind_unix(path: Path) -> socket.socket:
     old = os.umask(0o177)  # the socket is created 0600: only its owner may connect
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if len(os.fsencode(path)) >= 108:
+            reason = "the path is too long for a unix socket (108 bytes); use a shorter --home"
+        raise ServerStartError(f"cannot create the socket {path}: {reason}") from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
