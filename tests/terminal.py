@@ -86,6 +86,38 @@ class Terminal:
             time.sleep(0.05)
         raise TerminalTimeout(f"screen never showed {expected!r}; screen was:\n{screen}")
 
+    def command(
+        self, line: str, expected: str | re.Pattern[str] | Callable[[str], bool], *,
+        timeout: float = 30.0,
+    ) -> str:
+        """Type `line` at a prompt and wait for `expected` in what follows its echo.
+
+        The echo of the typed line (`$ line`) anchors the search, so output that is
+        drawn above a bottom toolbar, or an earlier run of the same line, cannot match.
+        Returns the screen text from the echo on.
+        """
+        echo = f"$ {line}"
+        before = self.screen().count(echo)
+        self.send(line)
+
+        def after_echo(screen: str) -> str | None:
+            if screen.count(echo) <= before:
+                return None
+            return screen[screen.rfind(echo) + len(echo):]
+
+        def matches(screen: str) -> bool:
+            tail = after_echo(screen)
+            if tail is None:
+                return False
+            if isinstance(expected, re.Pattern):
+                return expected.search(tail) is not None
+            if callable(expected):
+                return expected(tail)
+            return expected in tail
+
+        screen = self.wait_for(matches, timeout=timeout)
+        return after_echo(screen) or ""
+
     def mark(self) -> int:
         """An offset into the current screen text; pass it as `after=` to wait_for."""
         return len(self.screen().rstrip())

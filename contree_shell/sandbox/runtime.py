@@ -545,6 +545,8 @@ class Sandbox:
         self._pid1_fd = -1
         self._ns_pid = 0
         self._cmd_host_pid: int | None = None
+        # Signals asked for before the command exists; delivered once it is spawned.
+        self._pending_signals: list[int] = []
         self._killed = False
         self._timed_out = False
         self._t0 = 0.0
@@ -624,16 +626,37 @@ class Sandbox:
         self._wake()
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the main process's process group (no-op once it has exited)."""
+        """Send ``sig`` to the main process's process group (no-op once it has exited).
+
+        A signal asked for before the command is spawned is kept and delivered as soon
+        as it is: a Ctrl-C pressed right after a run starts must not be lost.
+        """
+        with self._lock:
+            if self._done.is_set():
+                return
+            if not self._ns_pid:
+                self._pending_signals.append(sig)
+                return
+        self._deliver(sig)
+
+    def _deliver(self, sig: int) -> None:
         with self._lock:
             if self._done.is_set() or not self._ns_pid:
                 return
             if self._cmd_host_pid is None:
                 self._cmd_host_pid = _host_pid_of(self._pid1, self._ns_pid)
             target = self._cmd_host_pid
-        if target is not None:
+        if target is None:
+            return
+        try:
+            os.killpg(target, sig)
+        except ProcessLookupError:
+            # The command has not called setsid() yet, so its group does not exist:
+            # signal the process itself (its dispositions are already the defaults).
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(target, sig)
+                os.kill(target, sig)
+        except PermissionError:
+            pass
 
     def kill(self) -> None:
         """SIGKILL everything in the sandbox at once."""
@@ -912,7 +935,10 @@ class Sandbox:
         elif kind == b"S":
             with self._lock:
                 self._ns_pid = int(parts[1])
+                pending, self._pending_signals = self._pending_signals, []
             self._spawned.set()
+            for sig in pending:
+                self._deliver(sig)
         elif kind == b"E":
             if self._error is None:
                 self._error = (parts[1].decode(errors="replace"), int(parts[2]))
