@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from contree_shell import __version__
-from contree_shell.cli import images, inspect, navigate, operations, run, session
+from contree_shell.cli import files, images, inspect, navigate, operations, run, session
 from contree_shell.cli.context import FORMATS, Context
 from contree_shell.cli.errors import CliError, CliHelp, CliUsageError
 from contree_shell.cli.parser import CliParser, ShellParser, add_subcommands
@@ -77,6 +77,7 @@ def build_parser(*, for_shell: bool = False) -> argparse.ArgumentParser:
     inspect.register(sub)
     navigate.register(sub)
     operations.register(sub)
+    files.register(sub)
     session.register(sub)
     images.register(sub)
     _register_server(sub)

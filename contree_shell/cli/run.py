@@ -62,6 +62,16 @@ def register(sub: Any) -> None:
     p.add_argument("--use", metavar="IMAGE", help="switch the session to IMAGE first")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="forward stdin even when it is a terminal")
+    p.add_argument("-F", "--file", action="append", default=[], dest="files", metavar="SPEC",
+                   help="upload host[:/inst/path][:uUID][:gGID][:mMODE] (repeatable; "
+                   "directories are walked)")
+    p.add_argument("--file-excludes", action="extend", nargs="+", default=[], metavar="PAT",
+                   help="skip files matching PAT when walking -F directories")
+    p.add_argument("-I", "--interpreter", action="store_true",
+                   help="shebang mode: the first argument is a host script run by /bin/sh "
+                   "(for `#!/usr/bin/env -S contree run -I`)")
+    p.add_argument("--preserve-env", action="store_true",
+                   help="keep the run's environment in the result image")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
     p.set_defaults(handler=cmd_run)
 
@@ -324,6 +334,55 @@ def switch_image(ctx: Context, ref: str) -> str:
     return image
 
 
+def interpreter_payload(script: str, extra: list[str]) -> tuple[str, list[str], bytes]:
+    """`-I SCRIPT [ARGS…]`: (command, args, stdin body) with the shebang line dropped."""
+    from pathlib import Path
+
+    try:
+        text = Path(script).read_bytes()
+    except OSError as exc:
+        raise CliError(f"Cannot read script '{script}': {exc.strerror or exc}") from None
+    text = text.replace(b"\r\n", b"\n")
+    if text.startswith(b"#!"):
+        text = text.split(b"\n", 1)[1] if b"\n" in text else b""
+    return "/bin/sh", (["-s", "--", *extra] if extra else ["-s"]), text
+
+
+def collect_files(ctx: Context, specs: list[str], excludes: list[str], cwd: str) -> dict[str, Any]:
+    """The spawn payload's `files`: pending staged files, then `-F` specs (which win)."""
+    from contree_shell.cli.filespec import FileSpecError, expand, parse_spec
+    from contree_shell.cli.uploads import open_cache, upload_all
+    from contree_shell.output import info
+
+    files: dict[str, Any] = {}
+    for pending in ctx.store.pending_files(ctx.session_key):
+        files[pending.path] = {"uuid": pending.file_uuid, "uid": pending.uid,
+                               "gid": pending.gid, "mode": f"{pending.mode:04o}"}
+    if not specs:
+        return files
+    try:
+        mapped = [m for spec in specs for m in expand(parse_spec(spec), cwd=cwd, excludes=excludes)]
+    except FileSpecError as exc:
+        raise CliError(exc.message) from None
+    if not mapped:
+        return files
+    cache = open_cache(ctx.profile.name)
+    try:
+        uuids, sent = upload_all(ctx.client, ctx.profile.url, [m.host for m in mapped], cache=cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    import os
+    from pathlib import Path
+
+    for m in mapped:
+        files[m.instance_path] = m.payload(uuids[Path(os.path.abspath(m.host))])
+    if not ctx.structured:
+        reused = len(uuids) - sent
+        info(f"Files: {len(mapped)} mapped, {sent} uploaded, {reused} reused")
+    return files
+
+
 def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
     from contree_shell.client.streams import stdin_repr
     from contree_shell.output import emit_rows
@@ -336,16 +395,30 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
     session_cwd = ctx.cwd()
     cwd = resolve_path(session_cwd, args.cwd) if args.cwd else session_cwd
     env = {**ctx.store.env(ctx.session_key), **extra_env}
+    script_body: bytes | None = None
+    shell = args.shell
+    if args.interpreter:
+        command, script_args, script_body = interpreter_payload(tokens[0], tokens[1:])
+        title = shlex.join(tokens)
+        tokens, shell = [command, *script_args], False
     payload = build_payload(
-        image=image, tokens=tokens, shell=args.shell, cwd=cwd, env=env,
+        image=image, tokens=tokens, shell=shell, cwd=cwd, env=env,
         timeout=args.timeout, disposable=args.disposable, hostname=args.hostname,
         truncate=args.truncate,
     )
-    title = run_title(tokens, args.shell)
+    if args.preserve_env:
+        payload["preserve_env"] = True
+    files = collect_files(ctx, args.files, args.file_excludes, session_cwd)
+    if files:
+        payload["files"] = files
+    if script_body is not None:
+        payload["stdin"] = stdin_repr(script_body, close=True)
+    else:
+        title = run_title(tokens, args.shell)
     if args.detach:
         # Detached runs never wait on stdin (the official CLI hangs on a terminal here):
         # with -i the input is read to EOF first and sent with the spawn, closed.
-        if args.interactive:
+        if args.interactive and script_body is None:
             payload["stdin"] = stdin_repr(_read_all_stdin(), close=True)
         spawned = ctx.client.spawn(payload)
         op = str(spawned.get("uuid") or "")
@@ -360,7 +433,8 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
         emit_rows([{"uuid": spawned.get("uuid"), "status": spawned.get("status") or "PENDING",
                     "title": title}], ctx.output_format)
         return 0
-    code, _outcome = execute_payload(ctx, payload, title=title, stdin=_stdin_for_cli(args.interactive))
+    stdin = None if script_body is not None else _stdin_for_cli(args.interactive)
+    code, _outcome = execute_payload(ctx, payload, title=title, stdin=stdin)
     if code == EXIT_INTERRUPTED and _outcome.interrupted:
         raise KeyboardInterrupt
     return code
@@ -396,6 +470,9 @@ def run_line(
         image=image, tokens=tokens, shell=shell, cwd=run_cwd, env=merged_env,
         timeout=max(1, math.ceil(timeout)) if timeout is not None else None, disposable=disposable,
     )
+    files = collect_files(ctx, [], [], session_cwd)  # files staged with `vim`/`file edit`
+    if files:
+        payload["files"] = files
     title = command if shell else shlex.join(tokens)
     code, _ = execute_payload(ctx, payload, title=title, stdin=stdin)
     return code

@@ -388,9 +388,17 @@ class ContreeClient:
         except NotFound:
             return None
 
-    def list_files(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """One page of uploaded files."""
-        body = self._get_json("/files", {"limit": limit, "offset": offset})
+    def list_files(
+        self, *, limit: int = 100, offset: int = 0, since: str | None = None,
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """One page of uploaded files (`since`/`until`: ISO times or API intervals)."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if since is not None:
+            params["since"] = since
+        if until is not None:
+            params["until"] = until
+        body = self._get_json("/files", params)
         return list(body.get("files") or []) if isinstance(body, dict) else []
 
     def upload_file(self, source: Path | bytes) -> dict[str, Any]:
