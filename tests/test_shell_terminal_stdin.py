@@ -1,4 +1,4 @@
-"""The shell forwards the terminal to a remote command only after a grace delay."""
+"""Which typed lines a remote command started from the shell receives (terminal_stdin.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from contree_shell.shell.terminal_stdin import DelayedTerminalStdin
+from contree_shell.shell.terminal_stdin import TerminalStdin, pending_bytes
 
 
 @pytest.fixture
@@ -23,30 +23,47 @@ def pipe() -> Iterator[tuple[int, int]]:
                 pass
 
 
-def test_nothing_is_read_before_the_delay(pipe: tuple[int, int]) -> None:
+def test_type_ahead_waiting_at_start_is_left_for_the_next_prompt(
+        pipe: tuple[int, int]) -> None:
     r, w = pipe
     os.write(w, b"typed ahead\n")
-    source = DelayedTerminalStdin(r, delay=30)
+    source = TerminalStdin(r)
     source.start()
+    assert source.type_ahead
+    assert source.get(0.05) is None
+    os.write(w, b"typed during the run\n")
     assert source.get(0.05) is None
     source.stop()
-    # Stopped before the delay: the line is still there for the next prompt.
-    assert os.read(r, 100) == b"typed ahead\n"
+    assert os.read(r, 100) == b"typed ahead\ntyped during the run\n"
 
 
-def test_lines_are_forwarded_once_the_delay_has_passed(pipe: tuple[int, int]) -> None:
+def test_a_line_typed_after_the_start_is_forwarded_at_once(pipe: tuple[int, int]) -> None:
     r, w = pipe
-    os.write(w, b"answer\n")
-    source = DelayedTerminalStdin(r, delay=0.05)
+    source = TerminalStdin(r)
     source.start()
     try:
+        assert not source.type_ahead
+        os.write(w, b"answer\n")
         assert source.get(5) == b"answer\n"
     finally:
         source.stop()
+    assert source.leftover() == b""
+
+
+def test_a_line_read_but_never_sent_is_handed_back(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    source = TerminalStdin(r)
+    source.start()
+    os.write(w, b"for the next prompt\n")
+    # Wait until the reader has taken it off the terminal (it is no longer pending).
+    while pending_bytes(r):
+        os.sched_yield()
+    source.stop()
+    assert source.leftover() == b"for the next prompt\n"
 
 
 def test_stop_is_idempotent_and_safe_before_start(pipe: tuple[int, int]) -> None:
-    source = DelayedTerminalStdin(pipe[0], delay=0.01)
+    source = TerminalStdin(pipe[0])
     source.stop()
-    source.start()  # after stop: never starts reading
     source.stop()
+    assert source.leftover() == b""

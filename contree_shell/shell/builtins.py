@@ -145,6 +145,47 @@ def _timeout(sh: ShellContext, call: Builtin) -> int:
     return int(run_line(sh.ctx, call.raw, shell=True, timeout=seconds, stdin=sh.remote_stdin()))
 
 
+# -- editing and output ------------------------------------------------------------------
+
+EDITORS = ("vim", "vi", "nvim", "nano")
+
+
+@builtin("vim", "edit a sandbox file in your local editor; staged for the next run",
+         usage="vim PATH", aliases=("vi", "nvim", "nano"))
+def _edit(sh: ShellContext, call: Builtin) -> int:
+    # `contree file edit` downloads the file, runs the editor here (the sandbox has no
+    # terminal for a full-screen program) and stages the result for the next command.
+    from contree_shell.cli.main import execute
+
+    if len(call.args) != 1:
+        output.error(f"Usage: {call.name} PATH")
+        return 2
+    if commands.find_command(["file", "edit"]) is None:
+        output.error(f"{call.name}: `contree file edit` is not available in this build")
+        return 1
+    path = resolve_path(sh.cwd(), call.args[0])
+    return int(execute(sh.ctx, ["file", "edit", "--editor", call.name, path]))
+
+
+@builtin("--format", "set the output format of every command in this shell (no arg: show it)",
+         usage="-o/--format [NAME]", aliases=("-o", "--output"))
+def _format(sh: ShellContext, call: Builtin) -> int:
+    from contree_shell.output import FORMATS
+
+    if not call.args:
+        output.line(sh.ctx.output_format)
+        return 0
+    if len(call.args) > 1:
+        output.error(f"Usage: {call.name} [NAME]")
+        return 2
+    name = call.args[0]
+    if name not in FORMATS:
+        output.error(f"Unknown format '{name}'. Available: {', '.join(FORMATS)}")
+        return 2
+    sh.ctx.output_format = name
+    return 0
+
+
 # -- the shell itself ----------------------------------------------------------------------
 
 

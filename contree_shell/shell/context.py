@@ -32,6 +32,10 @@ class ShellContext:
     # Interactive shells forward what is typed while a command runs (a fresh source per
     # run); scripts give commands no stdin (the script itself was read up front).
     stdin_source: Callable[[], Any] | None = None
+    pager: bool = True  # page listings that do not fit the terminal (settings.pager)
+    # Called after a command that may have changed what completion offers (new image,
+    # branch switch, new session); the REPL points it at the completion cache.
+    on_state_change: Callable[[], None] | None = None
 
     def remote_stdin(self) -> Any:
         """The stdin source for one remote command, or None for none."""

@@ -2,16 +2,27 @@
 
 The REPL and the script runner both come through here, so a failing command can never
 take the shell down or print a traceback (unless `--debug`).
+
+Also here, because they concern every kind of line alike:
+- listings go through the pager when they do not fit (paging.py);
+- `$?` in a sandbox line is the previous command's status: each run is a fresh `sh -c`,
+  so the line is prefixed with `(exit N);` (only when it mentions `$?`; the prefix sets
+  `$?` and has no other effect);
+- a command that ran for `LONG_RUN` seconds or more ends with a dim `exit S · 12.3s` line,
+  so the outcome of a long build is visible where its output ends (the prompt shows a
+  non-zero status and the toolbar always shows the last status and duration).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 
 from contree_shell import output
 from contree_shell.shell.builtins import run_builtin
 from contree_shell.shell.context import ShellContext
+from contree_shell.shell.paging import PAGED_BUILTINS, PAGED_COMMANDS, canonical_command, paged
 from contree_shell.shell.router import (
     Builtin,
     ContreeCommand,
@@ -22,9 +33,18 @@ from contree_shell.shell.router import (
     Route,
 )
 
-__all__ = ["dispatch", "run_route"]
+__all__ = ["INTERRUPTED", "LONG_RUN", "dispatch", "run_route", "with_last_status"]
 
 INTERRUPTED = 130
+LONG_RUN = 5.0
+_LAST_STATUS = re.compile(r"\$(\?|\{\?\})")
+
+
+def with_last_status(line: str, status: int) -> str:
+    """`line` for `sh -c`, made to see `status` as `$?` when it mentions `$?`."""
+    if not _LAST_STATUS.search(line):
+        return line
+    return f"(exit {int(status) & 0xFF}); {line}"
 
 
 def dispatch(sh: ShellContext, route: Route) -> int:
@@ -38,14 +58,26 @@ def dispatch(sh: ShellContext, route: Route) -> int:
         output.write_stderr(f"{route.msg}\n".encode())  # already a complete message
         return 2
     if isinstance(route, Builtin):
-        return run_builtin(sh, route)
+        with paged(sh.pager and route.name in PAGED_BUILTINS):
+            return run_builtin(sh, route)
     if isinstance(route, ContreeCommand):
-        return _contree(sh, route.argv)
+        with paged(sh.pager and _is_listing(route.argv)):
+            return _contree(sh, route.argv)
     if isinstance(route, RemoteShell):
         from contree_shell.cli.run import run_line
 
-        return int(run_line(sh.ctx, route.line, shell=True, stdin=sh.remote_stdin()))
+        line = with_last_status(route.line, sh.last.status)
+        return int(run_line(sh.ctx, line, shell=True, stdin=sh.remote_stdin()))
     raise TypeError(f"unknown route {route!r}")
+
+
+def _is_listing(argv: list[str]) -> bool:
+    from contree_shell.shell.commands import shell_parser
+
+    try:
+        return canonical_command(argv, shell_parser()) in PAGED_COMMANDS
+    except Exception:
+        return False
 
 
 def _contree(sh: ShellContext, argv: list[str]) -> int:
@@ -80,6 +112,12 @@ def run_route(sh: ShellContext, route: Route) -> int:
         status = 1
     sh.last.status = status
     sh.last.duration = time.monotonic() - started
+    if sh.last.duration >= LONG_RUN and isinstance(route, RemoteShell | ContreeCommand):
+        from contree_shell.shell.fresh_line import ensure_fresh_line
+        from contree_shell.shell.toolbar import format_duration
+
+        ensure_fresh_line()
+        output.notice(f"exit {status} · {format_duration(sh.last.duration)}")
     return status
 
 

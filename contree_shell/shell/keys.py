@@ -1,17 +1,54 @@
-"""Key bindings of the shell prompt (merged over prompt_toolkit's defaults)."""
+"""Key bindings of the shell prompt (merged over prompt_toolkit's defaults).
+
+Fixed: Enter continues an unfinished command, Ctrl-C clears the line. Remappable through
+`[keys]` in shell.toml (see settings.KEY_ACTIONS): F4 toggles emacs/vi editing, Ctrl-X
+Ctrl-E opens the line in $VISUAL/$EDITOR, Ctrl-R searches history backwards.
+"""
 
 from __future__ import annotations
 
+import logging
+
+from prompt_toolkit.enums import EditingMode
 from prompt_toolkit.filters import has_completions, is_done
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 from contree_shell.shell.router import is_incomplete
+from contree_shell.shell.settings import KEY_ACTIONS, ShellSettings
 
 __all__ = ["create_key_bindings"]
 
+log = logging.getLogger(__name__)
 
-def create_key_bindings() -> KeyBindings:
-    """Enter continues an unfinished command; Ctrl-C clears the line."""
+
+def _toggle_editing_mode(event: KeyPressEvent) -> None:
+    """Switch between emacs and vi key bindings (the toolbar shows `vi` while in vi)."""
+    app = event.app
+    app.editing_mode = EditingMode.EMACS if app.editing_mode == EditingMode.VI else EditingMode.VI
+    app.invalidate()
+
+
+def _edit_in_editor(event: KeyPressEvent) -> None:
+    """Edit the whole input in $VISUAL/$EDITOR; it comes back for review, not run."""
+    event.current_buffer.open_in_editor(validate_and_handle=False)
+
+
+def _history_search(event: KeyPressEvent) -> None:
+    """Reverse incremental search through the history (Ctrl-R again: older match)."""
+    from prompt_toolkit.search import SearchDirection, start_search
+
+    start_search(direction=SearchDirection.BACKWARD)
+
+
+_ACTIONS = {
+    "toggle_editing_mode": _toggle_editing_mode,
+    "edit_in_editor": _edit_in_editor,
+    "history_search": _history_search,
+}
+
+
+def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
+    """The shell's bindings; `settings.keys` remaps the actions in KEY_ACTIONS."""
     kb = KeyBindings()
 
     @kb.add("enter", filter=~is_done & ~has_completions)
@@ -42,4 +79,11 @@ def create_key_bindings() -> KeyBindings:
         """Throw away what was typed (continuation lines included) and start over."""
         event.current_buffer.reset()
 
+    for action, handler in _ACTIONS.items():
+        keys = settings.keys_for(action) if settings is not None else KEY_ACTIONS[action]
+        for key in keys:
+            try:
+                kb.add(*key.split(), filter=~is_done)(handler)
+            except (ValueError, KeyError):
+                log.warning("shell.toml [keys]: %s: unknown key %r", action, key)
     return kb

@@ -17,6 +17,7 @@ from typing import IO, Any
 from prompt_toolkit import PromptSession
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory, ThreadedAutoSuggest
 from prompt_toolkit.completion import ThreadedCompleter
+from prompt_toolkit.enums import EditingMode
 from prompt_toolkit.filters import to_filter
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import History, InMemoryHistory, ThreadedHistory
@@ -30,13 +31,14 @@ from contree_shell.shell.completion.completer import ContreeCompleter
 from contree_shell.shell.completion.sources import Sources
 from contree_shell.shell.context import ShellContext
 from contree_shell.shell.dispatch import INTERRUPTED, run_route
-from contree_shell.shell.fresh_line import LineTrackingOutput, ensure_fresh_line
+from contree_shell.shell.fresh_line import ensure_fresh_line
 from contree_shell.shell.keys import create_key_bindings
 from contree_shell.shell.lexer import ContreeShellLexer
+from contree_shell.shell.paging import ShellOutput
 from contree_shell.shell.prompt import continuation, prompt_message
 from contree_shell.shell.router import Incomplete, ParseError, classify, split_commands
 from contree_shell.shell.secrets import looks_secret
-from contree_shell.shell.settings import ShellSettings, load_settings
+from contree_shell.shell.settings import ShellSettings, ensure_config_file, load_settings
 from contree_shell.shell.status import ImageLabels, Snapshot, take_snapshot
 from contree_shell.shell.style import style_factory
 from contree_shell.shell.toolbar import toolbar_tokens, toolbar_visible
@@ -61,11 +63,22 @@ def ensure_image(sh: ShellContext, image: str | None) -> int:
     return status
 
 
-def _terminal_stdin() -> Any:
-    """Lines typed while a remote command runs go to its stdin (Ctrl-D sends EOF)."""
-    from contree_shell.shell.terminal_stdin import DelayedTerminalStdin
+class _TerminalStdinFactory:
+    """A fresh TerminalStdin per remote command; remembers the last one so the REPL can
+    hand lines it read but never sent back to the next prompt (terminal_stdin.py)."""
 
-    return DelayedTerminalStdin(0)
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def __call__(self) -> Any:
+        from contree_shell.shell.terminal_stdin import TerminalStdin
+
+        self.last = TerminalStdin(0)
+        return self.last
+
+    def take_leftover(self) -> bytes:
+        source, self.last = self.last, None
+        return source.leftover() if source is not None else b""
 
 
 def _open_history(sh: ShellContext) -> Any:
@@ -147,9 +160,10 @@ class Repl:
     def __init__(self, sh: ShellContext, *, settings: ShellSettings | None = None) -> None:
         self.sh = sh
         self.settings = settings or load_settings()
+        sh.pager = self.settings.pager
         self.snapshot: Snapshot = take_snapshot(sh, ran=False)
         self.labels = ImageLabels(lambda: sh.ctx.client)
-        self.sources = Sources(sh.ctx, _open_cache(sh))
+        self.sources = Sources(sh.ctx, _open_cache(sh), on_refreshed=self._redraw)
         history: History = InMemoryHistory()
         if sh.history is not None:
             history = ThreadedHistory(_prompt_history(sh.history))
@@ -159,6 +173,7 @@ class Repl:
             builtins=builtins.help_map,
             cwd=sh.cwd,
             image=sh.image,
+            fuzzy=self.settings.fuzzy,
         )
         self.session = _ShellSession(
             toolbar_visible=self._toolbar_visible,
@@ -168,11 +183,12 @@ class Repl:
             history=history,
             completer=ThreadedCompleter(completer),
             complete_while_typing=False,
-            auto_suggest=ThreadedAutoSuggest(AutoSuggestFromHistory()),
-            lexer=PygmentsLexer(ContreeShellLexer),
-            style=style_factory(),
+            auto_suggest=(ThreadedAutoSuggest(AutoSuggestFromHistory())
+                          if self.settings.auto_suggest else None),
+            lexer=PygmentsLexer(ContreeShellLexer) if self.settings.highlight else None,
+            style=style_factory(self.settings.style, self.settings.colors),
             include_default_pygments_style=False,
-            key_bindings=create_key_bindings(),
+            key_bindings=create_key_bindings(self.settings),
             enable_history_search=False,
             vi_mode=self.settings.vi,
         )
@@ -193,7 +209,11 @@ class Repl:
                                buffer.complete_state is not None)
 
     def _toolbar(self) -> FormattedText:
-        return toolbar_tokens(self.snapshot, self.labels.label(self.snapshot.image))
+        return toolbar_tokens(
+            self.snapshot, self.labels.label(self.snapshot.image),
+            refreshing=self.sources.refreshing,
+            vi=self.session.app.editing_mode == EditingMode.VI,
+        )
 
     def read(self) -> str:
         """One command as typed (continuation lines included). EOFError on Ctrl-D."""
@@ -206,16 +226,30 @@ class Repl:
             text = self.read()
         except EOFError:
             return False
-        if not run_text(self.sh, text):
-            return False
+        before = self.snapshot
+        try:
+            if not run_text(self.sh, text):
+                return False
+        finally:
+            self._keep_type_ahead()
         if self.sh.history is not None:
             self.sh.history.session_key = self.sh.key  # `use -N` moved the shell
         self.snapshot = take_snapshot(self.sh)
+        self.sources.after_command(before, self.snapshot)
         return True
+
+    def _keep_type_ahead(self) -> None:
+        """Lines a finished command read but never received go to the next prompt."""
+        factory = self.sh.stdin_source
+        if not isinstance(factory, _TerminalStdinFactory):
+            return
+        data = factory.take_leftover()
+        if data:
+            feed_type_ahead(self.session.input, data)
 
     def run(self) -> int:
         """Loop until exit; return the last command's status."""
-        previous = set_output(LineTrackingOutput())
+        previous = set_output(ShellOutput(pager=self.settings.pager))
         try:
             while True:
                 try:
@@ -232,9 +266,39 @@ class Repl:
         return self.sh.last.status
 
 
+def feed_type_ahead(inp: Any, data: bytes) -> None:
+    """Queue terminal bytes as keys the next prompt reads first (a cooked-mode newline
+    becomes Enter)."""
+    from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
+    from prompt_toolkit.input.vt100_parser import Vt100Parser
+
+    keys: list[Any] = []
+    parser = Vt100Parser(keys.append)
+    parser.feed(data.decode("utf-8", "replace").replace("\n", "\r"))
+    parser.flush()
+    store_typeahead(inp, [*get_typeahead(inp), *keys])
+
+
 def run_text(sh: ShellContext, text: str) -> bool:
-    """Run every command in `text` in order. False when one of them was `exit`."""
-    return run_commands(sh, split_commands(text))
+    """Run every command in `text` in order. False when one of them was `exit`.
+
+    A pasted block of several commands stops at the first one that fails, saying so
+    once (`stopped at line N: exit status S`): the rest of a recipe usually depends on
+    what came before, as with `set -e`.
+    """
+    commands_ = split_commands(text)
+    if len(commands_) <= 1:
+        return run_commands(sh, commands_)
+    for number, command in enumerate(commands_, start=1):
+        try:
+            status = run_route(sh, classify(command))
+        except EOFError:
+            return False
+        if status != 0 and number < len(commands_):
+            ensure_fresh_line()
+            output.warn(f"stopped at line {number}: exit status {status}")
+            break
+    return True
 
 
 def run_commands(sh: ShellContext, commands_: list[str], *, stop_on_interrupt: bool = False
@@ -276,9 +340,13 @@ def main(ctx: Any, *, image: str | None = None, stdin: IO[str] | None = None) ->
     if not interactive:
         return run_script(sh, stream)
     sh.history = _open_history(sh)
-    sh.stdin_source = _terminal_stdin
+    sh.stdin_source = _TerminalStdinFactory()
+    ensure_config_file()
+    settings = load_settings()
+    for problem in settings.problems:
+        output.warn(problem)
     try:
         sh.ctx.client  # noqa: B018 - create it (and start the local server) on this thread
     except Exception:
         log.debug("client not available yet", exc_info=True)  # the first command says why
-    return Repl(sh).run()
+    return Repl(sh, settings=settings).run()

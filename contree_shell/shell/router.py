@@ -71,7 +71,8 @@ Route = Builtin | ContreeCommand | RemoteShell | Incomplete | ParseError | Empty
 # Names the router hands to the builtin registry. Kept here (not imported from
 # builtins.py) so the router stays pure; test_shell_router pins that both agree.
 BUILTIN_NAMES = frozenset(
-    {"cd", "pwd", "help", "history", "clear", "timeout", "exit", "quit", "ls", "cat"}
+    {"cd", "pwd", "help", "history", "clear", "timeout", "exit", "quit", "ls", "cat",
+     "vim", "vi", "nvim", "nano", "-o", "--format", "--output"}
 )
 
 SHELL_IN_SHELL = "Error: 'contree shell' cannot be run from within the shell."

@@ -1,4 +1,8 @@
-"""The bottom toolbar: session, branch, image, depth, cwd, last status and duration."""
+"""The bottom toolbar: session, branch, image, depth, cwd, last status and duration.
+
+While completion data is being refreshed in the background it says so ("refreshing
+completions…"), and `vi` marks vi editing mode (F4 toggles).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m"
 
 
-def toolbar_tokens(snap: Snapshot, image_label: str) -> FormattedText:
+def toolbar_tokens(snap: Snapshot, image_label: str, *, refreshing: bool = False,
+                   vi: bool = False) -> FormattedText:
     """Toolbar fragments (style classes `bottom-toolbar.*`)."""
     sep = ("class:bottom-toolbar.dim", "  │  ")
     parts: list[tuple[str, str]] = [
@@ -49,5 +54,9 @@ def toolbar_tokens(snap: Snapshot, image_label: str) -> FormattedText:
         else:
             parts.append(("class:bottom-toolbar.fail", f"✗ {snap.status}"))
         parts.append(("class:bottom-toolbar.dim", f" in {format_duration(snap.duration)}"))
+    if refreshing:
+        parts += [sep, ("class:bottom-toolbar.dim", "refreshing completions…")]
+    if vi:
+        parts += [sep, ("class:bottom-toolbar.key", "vi")]
     parts.append(("class:bottom-toolbar.dim", "  │  Tab complete · Ctrl-D exit "))
     return FormattedText(parts)

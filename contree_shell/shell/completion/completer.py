@@ -1,6 +1,10 @@
 """The prompt_toolkit completer: the engine says what fits, the sources say what exists.
 
 Wrap it in ThreadedCompleter (repl.py does) so a slow listing never blocks typing.
+
+Matching: prefix matches first; only when nothing starts with the typed text, `fuzzy`
+falls back to subsequence matches (`ssn` → `session`, `pwd` → `passwd`), so a typo or
+a half-remembered name still finds something without cluttering the exact case.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from contree_shell.shell.completion.engine import (
     CommandNames,
     FlagNames,
     HelpTopics,
+    HostPath,
     SandboxPath,
     Source,
     Suggestion,
     Word,
     analyze,
 )
-from contree_shell.shell.completion.sources import Sources
+from contree_shell.shell.completion.sources import Sources, host_entries
 
 __all__ = ["ContreeCompleter", "escape_word"]
 
@@ -58,8 +63,10 @@ class ContreeCompleter(Completer):
         builtins: Callable[[], dict[str, str]],
         cwd: Callable[[], str],
         image: Callable[[], str | None],
+        fuzzy: bool = True,
     ) -> None:
         self.sources = sources
+        self.fuzzy = fuzzy
         self._parser = parser
         self._builtins = builtins
         self._cwd = cwd
@@ -71,8 +78,16 @@ class ContreeCompleter(Completer):
             builtins = self._builtins()
             parser = self._safe_parser()
             analysis = analyze(document.text_before_cursor, parser, frozenset(builtins))
+            found = False
             for suggestion in analysis.suggestions:
-                yield from self._complete(suggestion, analysis, builtins, parser)
+                for completion in self._complete(suggestion, analysis, builtins, parser,
+                                                 _prefix):
+                    found = True
+                    yield completion
+            if found or not self.fuzzy or not analysis.word.value:
+                return
+            for suggestion in analysis.suggestions:
+                yield from self._complete(suggestion, analysis, builtins, parser, _fuzzy)
         except Exception:  # Tab must never raise into the prompt
             log.debug("completion failed", exc_info=True)
 
@@ -85,17 +100,17 @@ class ContreeCompleter(Completer):
 
     def _complete(
         self, suggestion: Suggestion, analysis: Analysis, builtins: dict[str, str],
-        parser: argparse.ArgumentParser | None,
+        parser: argparse.ArgumentParser | None, match: Matcher,
     ) -> Iterable[Completion]:
         word = analysis.word
         if isinstance(suggestion, BuiltinNames):
             first = {**builtins, "contree": "run a contree command"}
-            return _names(word, first.items())
+            return _names(word, first.items(), match)
         if isinstance(suggestion, HelpTopics):
             topics = dict(builtins)
             for name, help_ in _command_help(parser):
                 topics.setdefault(name, help_)
-            return _names(word, topics.items())
+            return _names(word, topics.items(), match)
         if isinstance(suggestion, CommandNames):
             sub = _descend(parser, suggestion.path)
             helps = dict(_command_help(sub))
@@ -103,17 +118,19 @@ class ContreeCompleter(Completer):
             names = [n for n in suggestion.names
                      if suggestion.path or n not in _HIDDEN_IN_SHELL]
             # Aliases (`s`, `co`, `rb`) only when no full name fits what was typed.
-            full = [n for n in names if n in canonical and n.startswith(word.value)]
+            full = [n for n in names if n in canonical and match(word.value, n)]
             shown = full or names
-            return _names(word, ((n, helps.get(n, "")) for n in shown))
+            return _names(word, ((n, helps.get(n, "")) for n in shown), match)
         if isinstance(suggestion, FlagNames):
-            return _names(word, suggestion.flags)
+            return _names(word, suggestion.flags, match)
         if isinstance(suggestion, Choices):
-            return _values(word, ((v, "") for v in suggestion.values))
+            return _values(word, ((v, "") for v in suggestion.values), match)
         if isinstance(suggestion, Source):
-            return _values(word, self._source(suggestion.name))
+            return _values(word, self._source(suggestion.name), match)
         if isinstance(suggestion, SandboxPath):
-            return self._paths(word, suggestion.dirs_only)
+            return self._paths(word, suggestion.dirs_only, match)
+        if isinstance(suggestion, HostPath):
+            return self._paths(word, False, match, host=True)
         return ()
 
     def _source(self, name: str) -> list[tuple[str, str]]:
@@ -125,23 +142,31 @@ class ContreeCompleter(Completer):
             return [(p, "profile") for p in self.sources.profiles()]
         if name == "image":
             return self.sources.images()
+        if name == "operation":
+            return self.sources.operations()
+        if name == "env-key":
+            return [(k, "env") for k in self.sources.env_keys()]
         return []
 
-    def _paths(self, word: Word, dirs_only: bool) -> Iterator[Completion]:
+    def _paths(self, word: Word, dirs_only: bool, match: Matcher, *, host: bool = False
+               ) -> Iterator[Completion]:
         from contree_shell.cli.paths import resolve_path
 
         value = word.value
-        if value.startswith("~"):
+        if value.startswith("~") and not host:
             return  # the sandbox's $HOME is unknown here
         cut = value.rfind("/") + 1
         typed_dir, base = value[:cut], value[cut:]
-        directory = resolve_path(self._cwd(), typed_dir or None)
-        entries = self.sources.list_dir(self._image(), directory)
+        if host:
+            entries = host_entries(typed_dir or ".")
+        else:
+            directory = resolve_path(self._cwd(), typed_dir or None)
+            entries = self.sources.list_dir(self._image(), directory)
         quoted = word.raw != word.value
         for entry in sorted(entries, key=lambda e: e.name):
             if dirs_only and not (entry.is_dir or entry.is_link):
                 continue
-            if not entry.name.startswith(base):
+            if not match(base, entry.name):
                 continue
             if entry.name.startswith(".") and not base.startswith("."):
                 continue
@@ -157,14 +182,29 @@ class ContreeCompleter(Completer):
                                  display=display)
 
 
-def _names(word: Word, items: Iterable[tuple[str, str]]) -> Iterator[Completion]:
+Matcher = Callable[[str, str], bool]
+
+
+def _prefix(typed: str, candidate: str) -> bool:
+    return candidate.startswith(typed)
+
+
+def _fuzzy(typed: str, candidate: str) -> bool:
+    """`typed` is a subsequence of `candidate` (case-insensitive)."""
+    rest = iter(candidate.lower())
+    return all(ch in rest for ch in typed.lower())
+
+
+def _names(word: Word, items: Iterable[tuple[str, str]], match: Matcher = _prefix
+           ) -> Iterator[Completion]:
     """Candidates that replace the whole word (command names, flags)."""
     for name, meta in sorted(set(items)):
-        if name.startswith(word.value):
+        if match(word.value, name):
             yield Completion(name, start_position=-len(word.raw), display_meta=meta or None)
 
 
-def _values(word: Word, items: Iterable[tuple[str, str]]) -> Iterator[Completion]:
+def _values(word: Word, items: Iterable[tuple[str, str]], match: Matcher = _prefix
+            ) -> Iterator[Completion]:
     """Candidates for a value; an inline `--flag=VALUE` replaces only the part after `=`."""
     prefix, replace = word.value, len(word.raw)
     if word.value.startswith("-") and "=" in word.value:
@@ -172,7 +212,7 @@ def _values(word: Word, items: Iterable[tuple[str, str]]) -> Iterator[Completion
         replace = len(prefix)
     seen: set[str] = set()
     for value, meta in items:
-        if value in seen or not value.startswith(prefix):
+        if value in seen or not match(prefix, value):
             continue
         seen.add(value)
         yield Completion(escape_word(value), start_position=-replace, display=value,

@@ -20,6 +20,7 @@ __all__ = [
     "CommandNames",
     "FlagNames",
     "HelpTopics",
+    "HostPath",
     "SandboxPath",
     "Source",
     "Suggestion",
@@ -86,7 +87,13 @@ class SandboxPath:
     dirs_only: bool = False
 
 
-Suggestion = BuiltinNames | HelpTopics | CommandNames | FlagNames | Choices | Source | SandboxPath
+@dataclass(frozen=True)
+class HostPath:
+    """A path on this machine (an argument that names a local file)."""
+
+
+Suggestion = (BuiltinNames | HelpTopics | CommandNames | FlagNames | Choices | Source
+              | SandboxPath | HostPath)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,9 @@ class Analysis:
 
 
 # Builtins whose arguments are sandbox paths (cd: directories only).
-_PATH_BUILTINS = {"cd": True, "ls": False, "cat": False}
+_PATH_BUILTINS = {"cd": True, "ls": False, "cat": False, "vim": False, "vi": False,
+                  "nvim": False, "nano": False}
+_FORMAT_BUILTINS = {"-o", "--format", "--output"}
 
 # Argument names → data source. Matched on the argparse dest and metavar (lowercased),
 # so the CLI's command modules need no completion-specific annotations.
@@ -108,7 +117,11 @@ _SOURCE_BY_NAME = {
     "session": "session", "session_key": "session",
     "profile": "profile",
     "operation": "operation", "op": "operation", "operations": "operation",
+    "env_key": "env-key",
 }
+# Arguments that name a file on this machine, by dest/metavar.
+_HOST_NAMES = {"local", "local_path", "host_path", "host_file", "output_file", "outfile",
+               "context", "dockerfile", "archive"}
 _PATH_NAMES = {"path", "paths", "file", "files", "src", "source", "target", "dir", "directory",
                "cwd", "dest", "destination", "instance_path"}
 _DIR_NAMES = {"dir", "directory", "cwd"}
@@ -119,6 +132,8 @@ _SOURCE_BY_COMMAND = {
     ("session", "show"): "session",
     ("session", "delete"): "session",
     ("session", "use"): "session",
+    ("env",): "env-key",
+    ("unset",): "env-key",
 }
 # Commands whose path argument must be a directory.
 _DIR_COMMANDS = {("cd",)}
@@ -216,6 +231,10 @@ def _builtin_args(
             # `ls -l x`, `cat a b`: the router sends these to the sandbox anyway.
             return () if head == "cd" else _remote_arg(word)
         return (SandboxPath(dirs_only=_PATH_BUILTINS[head]),)
+    if head in _FORMAT_BUILTINS:
+        from contree_shell.output.formatters import FORMATS
+
+        return (Choices(tuple(FORMATS)),) if not args else ()
     if head == "help":
         if not args:
             return (HelpTopics(),)
@@ -404,6 +423,8 @@ def _values_for(path: tuple[str, ...], action: argparse.Action) -> tuple[Suggest
             return (Source(_SOURCE_BY_NAME[name], path, str(action.dest)),)
     if path in _SOURCE_BY_COMMAND and not action.option_strings:
         return (Source(_SOURCE_BY_COMMAND[path], path, str(action.dest)),)
+    if names & _HOST_NAMES:
+        return (HostPath(),)
     if names & _PATH_NAMES:
         return (SandboxPath(dirs_only=bool(names & _DIR_NAMES) or path in _DIR_COMMANDS),)
     if action.nargs == argparse.REMAINDER:

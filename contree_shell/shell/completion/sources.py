@@ -1,10 +1,16 @@
 """Named completion sources: where candidate values come from.
 
 Every source returns [] on any failure (no client, server down, bad data), so Tab never
-raises and never prints. Sandbox directory listings go through the persistent
-CompletionCache: fresh entries (< 30 s) are served as is; stale ones are served at once
-and refreshed on a background thread (stale-while-revalidate); only a miss waits for
-the server.
+raises and never prints. Remote data (sandbox directory listings, images, operations)
+goes through the persistent CompletionCache, per profile (and per image for listings):
+fresh entries are served as is; stale ones are served at once and refreshed on a
+background thread (stale-while-revalidate); only a miss waits for the server.
+`refreshing` is true while a refresh runs (the toolbar says so) and `on_refreshed` is
+called when one lands.
+
+Invalidation (`after_command`): a new image or a different session drops the image and
+operation lists; every command drops the operation list (it may have started one).
+Directory listings are keyed by image uuid and images never change, so they stay valid.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DIR_TTL", "IMAGE_TTL", "Entry", "Sources"]
+__all__ = ["DIR_TTL", "IMAGE_TTL", "OPERATION_TTL", "Entry", "Sources", "host_entries"]
 
 log = logging.getLogger(__name__)
 
 DIR_TTL = 30.0
 IMAGE_TTL = 60.0
+OPERATION_TTL = 5.0
 
 
 @dataclass(frozen=True)
@@ -49,12 +56,31 @@ def _entries_from_listing(body: Any) -> list[Entry]:
 class Sources:
     """Completion data for one shell. `ctx` is the CLI Context (store, client, profile)."""
 
-    def __init__(self, ctx: Any, cache: Any = None) -> None:
+    def __init__(self, ctx: Any, cache: Any = None, *,
+                 on_refreshed: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.cache = cache
+        self.on_refreshed = on_refreshed
         self._refresh = ThreadPoolExecutor(max_workers=1, thread_name_prefix="completion")
         self._inflight: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether a background refresh is running."""
+        with self._lock:
+            return bool(self._inflight)
+
+    def after_command(self, before: Any, after: Any) -> None:
+        """Drop what a command may have made stale (`before`/`after`: status Snapshots)."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.invalidate(self._namespace(), "operations")
+            if (before.image, before.key) != (after.image, after.key):
+                self.cache.invalidate(self._namespace(), "images")
+        except Exception:
+            log.debug("cache invalidation failed", exc_info=True)
 
     def close(self) -> None:
         """Stop the background refresher (pending refreshes are dropped)."""
@@ -135,7 +161,17 @@ class Sources:
             finally:
                 with self._lock:
                     self._inflight.discard(key)
+                if self.on_refreshed is not None:
+                    try:
+                        self.on_refreshed()
+                    except Exception:
+                        log.debug("redraw after refresh failed", exc_info=True)
 
+        if self.on_refreshed is not None:
+            try:
+                self.on_refreshed()  # show "refreshing completions…"
+            except Exception:
+                log.debug("redraw before refresh failed", exc_info=True)
         try:
             self._refresh.submit(work)
         except RuntimeError:  # shut down
@@ -181,3 +217,37 @@ class Sources:
         except Exception:
             log.debug("image completion failed", exc_info=True)
             return []
+
+    def operations(self) -> list[tuple[str, str]]:
+        """(uuid, "STATUS kind") of the newest operations."""
+
+        def fetch() -> list[list[str]]:
+            rows = self.ctx.client.list_operations(limit=100)
+            return [[str(r.get("uuid") or ""), f"{r.get('status') or ''} {r.get('kind') or ''}"
+                     .strip()] for r in rows if r.get("uuid")]
+
+        try:
+            rows = self._cached(self._namespace(), "operations", OPERATION_TTL, fetch)
+            return [(str(a), str(b)) for a, b in rows or []]
+        except Exception:
+            log.debug("operation completion failed", exc_info=True)
+            return []
+
+    def env_keys(self) -> list[str]:
+        """Keys of the session's environment."""
+        try:
+            return sorted(self.ctx.store.env(self.ctx.session_key))
+        except Exception:
+            log.debug("env completion failed", exc_info=True)
+            return []
+
+
+def host_entries(directory: str) -> list[Entry]:
+    """Entries of a local directory (for arguments that name a file on this machine)."""
+    import os
+
+    try:
+        with os.scandir(os.path.expanduser(directory or ".")) as it:
+            return [Entry(e.name, e.is_dir()) for e in it]
+    except OSError:
+        return []
