@@ -98,9 +98,8 @@ def test_tag_query_is_split_off() -> None:
 
 
 def rows_of(stdout: bytes) -> list[dict[str, str]]:
-    rows = json.loads(stdout)
-    assert isinstance(rows, list)
-    return rows
+    # `-o json` prints one JSON object per row, one per line
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 def test_import_archives_through_the_cli_prints_rows_and_progress(
