@@ -15,7 +15,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from contree_shell import __version__
-from contree_shell.cli import files, images, inspect, navigate, operations, run, session
+from contree_shell.cli import (
+    auth,
+    completion,
+    files,
+    images,
+    inspect,
+    navigate,
+    operations,
+    run,
+    session,
+)
 from contree_shell.cli.context import FORMATS, Context
 from contree_shell.cli.errors import CliError, CliHelp, CliUsageError
 from contree_shell.cli.parser import CliParser, ShellParser, add_subcommands
@@ -80,6 +90,8 @@ def build_parser(*, for_shell: bool = False) -> argparse.ArgumentParser:
     files.register(sub)
     session.register(sub)
     images.register(sub)
+    auth.register(sub)
+    completion.register(sub)
     _register_server(sub)
     _register_shell(sub)
     return parser
@@ -103,6 +115,8 @@ def _register_shell(sub: Any) -> None:
         ),
     )
     p.add_argument("image", nargs="?", metavar="IMAGE", help="switch the session to IMAGE first")
+    p.add_argument("--image", dest="image_option", metavar="REF",
+                   help="same as IMAGE (for scripts that prefer an option)")
     p.set_defaults(handler=_cmd_shell)
 
 
@@ -111,8 +125,10 @@ def _cmd_shell(ctx: Context, args: argparse.Namespace) -> int:
         raise CliError("'contree shell' cannot be run from within the shell.")
     from contree_shell.shell.repl import main as repl_main
 
+    if args.image and args.image_option and args.image != args.image_option:
+        raise CliError("Give the image once: IMAGE or --image REF", 2)
     ctx.in_shell = True
-    return int(repl_main(ctx, image=args.image) or 0)
+    return int(repl_main(ctx, image=args.image or args.image_option) or 0)
 
 
 def make_context(
@@ -233,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from contree_shell.output import write_stdout
 
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == [completion.HIDDEN_COMMAND]:
+        # Tab in bash/zsh/fish: never parsed as a command, never shown in help.
+        return completion.complete_main(args_list[1:])
     parser = build_parser()
     if not args_list:
         write_stdout(parser.format_help().encode())

@@ -66,6 +66,27 @@ def register(sub: Any) -> None:
                       help=f"the last N entries (default {DEFAULT_SHOW_LAST})")
     show.set_defaults(handler=cmd_show)
 
+    use = ssub.add_parser(
+        "use", help="continue from another session's current image",
+        description="Record the tip image of session KEY (exact key, else a unique key "
+        "ending in KEY) as a `session use` entry of the current session.",
+    )
+    use.add_argument("key", metavar="KEY", help="session key or its unique suffix")
+    use.set_defaults(handler=cmd_use)
+
+    wait = ssub.add_parser(
+        "wait", help="wait for detached runs and move the session like `run` does",
+        description="Without arguments, wait for every detached run of this session "
+        "(its detached-<op> branches). A run that completes moves the active branch to "
+        "its result (whatever its exit code, as `run` does) and its detached branch is "
+        "removed; a failed or cancelled one leaves the session as it was. Operations "
+        "that are not detached runs of this session are only waited for.",
+    )
+    wait.add_argument("operations", nargs="*", metavar="UUID_OR_REF")
+    wait.add_argument("-t", "--timeout", type=float, default=None, metavar="SECONDS",
+                      help="give up after SECONDS (default: wait as long as it takes)")
+    wait.set_defaults(handler=cmd_wait)
+
     delete = ssub.add_parser("delete", aliases=["rm", "del"], help="delete sessions")
     delete.add_argument("keys", nargs="+", metavar="KEY")
     delete.add_argument("-f", "-y", "--force", action="store_true", dest="force",
@@ -232,3 +253,71 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
         ctx.store.delete(key)
         info(f"Deleted session {key}")
     return 1 if failed else 0
+
+
+def cmd_use(ctx: Context, args: argparse.Namespace) -> int:
+    from contree_shell.output import emit_rows
+
+    other = ctx.store.find_session(args.key)
+    state = ctx.store.state(other)
+    if state is None or state.tip is None:
+        raise CliError(f"Session '{other}' has no image yet")
+    node = ctx.store.append(ctx.session_key, kind="session use", image=state.tip.image, title=other)
+    emit_rows([{"session_key": other, "image": node.image, "id": node.id}], ctx.output_format)
+    return 0
+
+
+def detached_runs(ctx: Context) -> dict[str, tuple[str, Any]]:
+    """op uuid → (branch name, tip node) of this session's `detached-<op>` branches."""
+    out: dict[str, tuple[str, Any]] = {}
+    for name, tip, _active in ctx.store.branches(ctx.session_key):
+        if name.startswith("detached-") and tip.operation_uuid:
+            out[tip.operation_uuid] = (name, tip)
+    return out
+
+
+def cmd_wait(ctx: Context, args: argparse.Namespace) -> int:
+    from contree_shell.cli.operations import exit_code_of, status_code, wait_operations
+    from contree_shell.cli.refs import resolve_operation_refs
+    from contree_shell.output import emit_rows, info, warn
+
+    ctx.require_state()
+    detached = detached_runs(ctx)
+    ops = resolve_operation_refs(ctx, args.operations) if args.operations else list(detached)
+    if not ops:
+        info("No detached runs to wait for")
+        return 0
+    rows: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
+
+    def finished(record: dict[str, Any]) -> None:
+        done.append(record)
+        op = str(record.get("uuid"))
+        advanced = False
+        if op in detached:
+            advanced = _settle_detached(ctx, record, *detached[op])
+        rows.append({
+            "uuid": op, "status": record.get("status"), "exit_code": exit_code_of(record),
+            "image": record.get("result_image_uuid"), "advanced": advanced,
+        })
+
+    left = wait_operations(ctx.client, ops, timeout=args.timeout, on_done=finished)
+    emit_rows(rows, ctx.output_format)
+    if left:
+        warn(f"Timeout: {len(left)} operation(s) did not finish in {args.timeout:g}s")
+        return 1
+    return status_code(done)
+
+
+def _settle_detached(ctx: Context, record: dict[str, Any], branch: str, node: Any) -> bool:
+    """Move the session for a finished detached run; True when the active branch moved."""
+    if record.get("status") != "SUCCESS" or not record.get("result_image_uuid"):
+        return False
+    state = ctx.require_state()
+    ctx.store.append(
+        ctx.session_key, kind="run", image=str(record["result_image_uuid"]), title=node.title,
+        operation_uuid=str(record.get("uuid")),
+    )
+    if state.branch != branch:
+        ctx.store.delete_branch(ctx.session_key, branch)
+    return True
