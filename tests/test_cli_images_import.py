@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,11 +22,14 @@ from contree_shell.cli.images import (
 from tests.conftest import LocalServer
 from tests.test_import_archives import (
     RUN_CONFIG,
+    blocked_layout,
+    release,
     runnable_image,
     runnable_layers,
     write_oci_archive,
 )
 from tests.test_sandbox_oci import write_docker_archive
+from tests.test_server_support import wait_done
 
 
 @pytest.mark.parametrize(
@@ -178,3 +182,34 @@ def subprocess_in(
         env=env, input=b"", capture_output=True, timeout=120, cwd=str(cwd),
     )
 
+
+
+def test_ctrl_c_cancels_every_pending_import(server: LocalServer, tmp_path: Path) -> None:
+    blocked = [blocked_layout(tmp_path / name) for name in ("one", "two")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "contree_shell", "-o", "json", "images", "import",
+         *(f"oci:{layout}:v1" for layout, _, _ in blocked)],
+        env=server.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=str(server.config),
+    )
+    assert proc.stderr is not None and proc.stdout is not None
+    ops: list[str] = []
+    seen = b""
+    for line in proc.stderr:  # wait until the CLI follows the first import, blocked
+        seen += line
+        if b"(operation " in line:
+            ops.append(line.split(b"(operation ")[1].split(b")")[0].decode())
+        if b"layer 1/2" in line:
+            break
+    assert len(ops) == 2, seen.decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, (seen + rest).decode(errors="replace")
+    proc.stdout.close()
+    proc.stderr.close()
+    assert b"Cancelled 2 imports" in rest
+    with server.http() as http:
+        for op in ops:
+            assert wait_done(http, op)["status"] == "CANCELLED"
+    for _, fifo, data in blocked:
+        release(fifo, data, server)
