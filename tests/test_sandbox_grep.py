@@ -157,6 +157,13 @@ def test_line_text_keeps_terminators_and_is_capped(view: ImageView) -> None:
     assert len(long["line_text"]) == 4096 and long["line_bytes"] == 5005
 
 
+def test_a_dot_takes_a_whole_utf8_character(view: ImageView) -> None:
+    (m,) = grep(view, patterns=["caf. "], paths=["/data/utf8"])["matches"]
+    assert m["submatches"] == [{"text": "café ", "start": 0, "end": 6}]
+    (m,) = grep(view, patterns=["stra.e"], paths=["/data/utf8"])["matches"]
+    assert m["submatches"][0]["text"] == "straße"
+
+
 def test_byte_offsets_with_utf8_text(view: ImageView) -> None:
     (m,) = grep(view, patterns=["CAF"], paths=["/data/utf8"])["matches"]
     assert m["submatches"] == [{"text": "CAF", "start": 6, "end": 9}]  # "café " is 6 bytes
@@ -367,3 +374,13 @@ def test_empty_pattern_matches_every_line(view: ImageView) -> None:
 def test_translate_is_a_pure_function() -> None:
     assert translate(r"(?<x>a)\z") == r"(?:a)\Z"
     assert translate("é", icase=True) in (r"(?:\xc3\x89|\xc3\xa9)", r"(?:\xc3\xa9|\xc3\x89)")
+
+
+def test_non_utf8_file_names_are_reported_with_replacement_characters(tmp_path: Path) -> None:
+    layer = tmp_path / "l"
+    layer.mkdir()
+    with open(os.fsencode(layer) + b"/caf\xe9.txt", "wb") as f:
+        f.write(b"root\n")
+    (m,) = grep(ImageView([layer]), patterns=["root"])["matches"]
+    assert m["path"] == "/caf\ufffd.txt"
+    m["path"].encode("utf-8")  # JSON-safe

@@ -81,6 +81,7 @@ _UNICODE_CLASSES = {
     "ASCII": "\\x00-\\x7F",
 }
 
+_ANY_CHAR = r"(?:[\x00-\x09\x0b-\x7f]|[\xc2-\xf4][\x80-\xbf]{1,3}|[\x80-\xff])"
 _SIMPLE_ESCAPES = set("dDwWsSbBAaftnrv.+*?()|[]{}^$#&-~ \\/\"'!%,:;<=>@_`")
 
 
@@ -373,6 +374,12 @@ def _translate(text: str, icase: bool) -> str:
             out.append(_fold(lit) if icase_stack[-1] else lit)
             i += 1
             continue
+        if c == "." and text[i + 1 : i + 2] not in ("*", "+", "?", "{"):
+            # A lone `.` takes a whole UTF-8 character as Rust's does; repeated dots
+            # stay byte-wise (fast), where only a lazy match could end mid-character.
+            out.append(_ANY_CHAR)
+            i += 1
+            continue
         if c == "#":
             out.append("\\#")
         elif c == " ":
@@ -586,6 +593,13 @@ def _count_nl(buf: Any, a: int, b: int) -> int:
     return n
 
 
+def _display(path: str) -> str:
+    """A path fit for JSON: names that are not UTF-8 get U+FFFD for their odd bytes."""
+    if path.isascii():
+        return path
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def _record(
     s: _Search,
     path: str,
@@ -603,7 +617,7 @@ def _record(
     s.budget -= len(text)
     s.matches.append(
         {
-            "path": path,
+            "path": _display(path),
             "line_number": lnum,
             "absolute_offset": start,
             "line_text": text.decode("utf-8", "replace"),
@@ -827,7 +841,7 @@ def grep(
                 if s.stopped:
                     break
     return {
-        "path": resolved[0][0],
+        "path": _display(resolved[0][0]),
         "patterns": list(patterns),
         "matches": s.matches,
         "truncated": s.truncated,
