@@ -40,7 +40,7 @@ def test_import_busybox_ends_with_completion_and_result(api_server: ApiServer,
 
 def test_import_masks_credentials_and_rejects_unsupported_urls(http: httpx.Client) -> None:
     resp = http.post("/v1/images/import", json={
-        "registry": {"url": "docker://docker.io/library/alpine:latest"}})
+        "registry": {"url": "ftp://example.invalid/alpine:latest"}})
     assert resp.status_code == 400
     assert "unsupported registry URL" in resp.json()["error"]
     assert resp.json()["status"] == 400

@@ -52,7 +52,7 @@ def assert_sdk_shape(op: dict[str, Any]) -> None:
 
 def test_echo_streams_events_in_order_and_keeps_the_parent_image(api_server: ApiServer,
                                                                  http: httpx.Client) -> None:
-    op = spawn(http, api_server.busybox, "echo hi")
+    op = spawn(http, api_server.busybox, "echo hi", networking={"enabled": False})
     events = list(sse_events(http, op))
     types = [e["type"] for e in events]
     assert types == ["init", "spawn", "stdout", "exit", "shutdown", "completion"]

@@ -56,7 +56,7 @@ class ApiServer:
         env.update(self.extra_env)
         log = open(self.home.parent / "server-test.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "contree_shell", "server", "run", "--home", str(self.home),
+            [sys.executable, "-m", "contree_shell.server.cli", "run", "--home", str(self.home),
              "--log-level", "warning", *self.extra_args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import platform
@@ -374,10 +375,35 @@ class _Run:
     sandbox: Any = None
     closed: bool = False  # no more events may be appended (the op is terminal)
     cancel_reason: str | None = None
+    image_env: dict[str, str] = field(default_factory=dict)
+    default_cwd: str = "/"
     signalled: bool = False
     pending_signal: int | None = None
     stdin_open: bool = False
     stdin_recorded: int = 0
+    early: list[tuple[str, bytes]] | None = field(default_factory=list)  # before `spawn`
+    streams: dict[str, _Stream] = field(
+        default_factory=lambda: {"stdout": _Stream(), "stderr": _Stream(), "stdin": _Stream()}
+    )
+    procs: dict[int, _Proc] = field(default_factory=dict)  # spid >= 2
+    next_spid: int = 2
+    size_capped: bool = False
+    main_exit_recorded: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Proc:
+    """An extra process (spid >= 2) of a running instance."""
+
+    spid: int
+    truncate_at: int
+    process: Any = None
+    stdin_open: bool = False
+    stdin_recorded: int = 0
+    stdin_lock: threading.Lock = field(default_factory=threading.Lock)
+    exit_recorded: threading.Event = field(default_factory=threading.Event)
+    spawn_recorded: threading.Event = field(default_factory=threading.Event)
+    signalled: bool = False
     early: list[tuple[str, bytes]] | None = field(default_factory=list)  # before `spawn`
     streams: dict[str, _Stream] = field(
         default_factory=lambda: {"stdout": _Stream(), "stderr": _Stream(), "stdin": _Stream()}
@@ -402,8 +428,11 @@ class InstanceManager:
         max_workers: int = 16,
         network_supported: bool = True,
         default_network: bool = True,
+        limits: Any = None,
     ) -> None:
+        """`limits` (cgroups.Limits or None) applies to every run of this server."""
         self.store = store
+        self.limits = limits
         self.ops = ops
         self.files = files
         self.default_timeout = default_timeout
@@ -480,6 +509,7 @@ class InstanceManager:
                     log.debug("kill %s", op_uuid, exc_info=True)
             self._emit(run, "shutdown", {"stopped_at": iso_z(utcnow()), "reason": "signal"}, 0)
             run.closed = True
+            run.main_exit_recorded.set()
             self.ops.finish(op_uuid, "CANCELLED", error=reason, metadata=self._metadata(run, None))
         return True
 
@@ -491,7 +521,15 @@ class InstanceManager:
                 raise Conflict("the instance is not running") from exc
             raise
         if spid != 1:
-            raise RequestError(404, f"no live process with spid {spid}")
+            proc = run.procs.get(spid)
+            if proc is None or proc.process is None or proc.process.done():
+                raise RequestError(404, f"no live process with spid {spid}")
+            proc.signalled = True
+            try:
+                proc.process.signal(sig)
+            except ProcessLookupError as exc:
+                raise RequestError(404, f"no live process with spid {spid}") from exc
+            return
         with run.lock:
             if run.closed:
                 raise Conflict("the instance is not running")
@@ -510,7 +548,8 @@ class InstanceManager:
         """Deliver stdin to spid 1 (blocking until written); 409 closed, 410 finished."""
         run = self._live(op_uuid)
         if spid != 1:
-            raise RequestError(404, f"no live process with spid {spid}")
+            self._write_proc_stdin(run, spid, data, close)
+            return
         if not run.started.wait(timeout=30):
             raise RequestError(425, "the process has not started yet")
         with run.stdin_lock:
@@ -632,7 +671,6 @@ class InstanceManager:
         with run.lock:
             if run.closed:
                 return
-            self.ops.update(run.op, status="EXECUTING")
         image = self.store.get(spec["image"])
         config: dict[str, Any] = dict(image.config or {})
         image_env: dict[str, str] = dict(config.get("env") or {})
@@ -688,6 +726,7 @@ class InstanceManager:
                 timeout=float(spec["timeout"]),
                 network=bool(spec["networking"]["enabled"]) and self.network_supported,
                 stdin_open=run.stdin_open,
+                limits=self.limits,
             )
             with run.lock:
                 if run.closed:
@@ -705,17 +744,25 @@ class InstanceManager:
                 run.sandbox = sandbox
                 cancelled = run.closed  # cancelled while starting
                 if not cancelled:
+                    # EXECUTING means "the command is running": set once it has spawned.
+                    self.ops.update(run.op, status="EXECUTING")
+                    if rspec.network:
+                        self._emit(run, "network", network_event(sandbox), 0)
                     self._emit_spawn(run, sandbox, argv, cwd, env)
+                    run.image_env, run.default_cwd = image_env, cwd
             if cancelled:
                 sandbox.kill()
                 sandbox.wait()
                 return
             run.started.set()
+            watcher = self._watch_layer_size(run, sandbox, Path(rundir.upper))
             if run.pending_signal is not None:
                 _wait_until_exec(sandbox)
                 sandbox.signal(run.pending_signal)
             self._feed_initial_stdin(run, stdin_data, stdin["close"])
             info = sandbox.wait()
+            if watcher is not None:
+                watcher.set()
             with run.lock:
                 if run.closed:  # cancelled while running: the op is already terminal
                     return
@@ -814,6 +861,13 @@ class InstanceManager:
             },
             1,
         )
+        run.main_exit_recorded.set()
+        self._end_subprocesses(run)
+        limit = int(spec["resources_limits"]["max_layer_bytes"])
+        size = layer_size(Path(rundir.upper), stop_above=limit)
+        if run.size_capped or size > limit:
+            self._size_cap(run, limit, size, info)
+            return False
         reason = (
             "timeout"
             if timed_out
@@ -888,6 +942,290 @@ class InstanceManager:
         new.setdefault("user", None)
         return new
 
+    # -- subprocesses (spid >= 2) -------------------------------------------------
+
+    def exec(self, op_uuid: str, body: Any) -> int:
+        """Start an extra process (ExecSpec) in a running instance; returns its spid."""
+        from contree_shell.sandbox.nsexec import ExecError, NsProcess
+
+        espec = normalize_exec_request(body)
+        try:
+            run = self._live(op_uuid)
+        except RequestError as exc:
+            if exc.status == 410:
+                raise Conflict("the instance is not running") from exc
+            raise
+        if not run.started.is_set():
+            raise RequestError(425, "the instance has not started yet")
+        with run.lock:
+            sandbox = run.sandbox
+            if run.closed or sandbox is None or sandbox.done():
+                raise Conflict("the instance is not running")
+            pid1 = int(getattr(sandbox, "_pid1", 0) or 0)
+            if not pid1:
+                raise Conflict("the instance is not running")
+            spid = run.next_spid
+            run.next_spid += 1
+            proc = _Proc(spid=spid, truncate_at=espec["truncate_output_at"])
+            run.procs[spid] = proc
+        env: dict[str, str] = dict(run.image_env) if espec["shell"] else {}
+        for k, v in espec["env"].items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        env.setdefault("PATH", DEFAULT_PATH)
+        if espec["shell"]:
+            argv = [espec["env"].get("SHELL") or "/bin/sh", "-c", espec["command"]]
+        else:
+            argv = [espec["command"], *espec["args"]]
+        cwd = espec["cwd"] or run.default_cwd
+        stdin = espec["stdin"]
+        stdin_data = decode_stream(stdin["value"], stdin["encoding"])
+        proc.stdin_open = (not stdin["close"]) or bool(stdin_data)
+        try:
+            process = NsProcess.start(
+                pid1=pid1,
+                argv=argv,
+                env=env,
+                cwd=cwd,
+                uid=espec["uid"],
+                gid=espec["gid"],
+                stdin_open=proc.stdin_open,
+                on_output=lambda stream, chunk: self._on_proc_output(run, proc, stream, chunk),
+                on_exit=lambda res: self._on_proc_exit(run, proc, res),
+            )
+        except ExecError as exc:
+            proc.spawn_recorded.set()
+            with run.lock:
+                run.procs.pop(spid, None)
+            if run.closed or sandbox.done():
+                raise Conflict("the instance is not running") from exc
+            raise RequestError(500, f"cannot start the process: {exc}") from exc
+        with run.lock:
+            proc.process = process
+            self._emit(
+                run,
+                "spawn",
+                {
+                    "pid": int(process.pid),
+                    "command": argv[0],
+                    "args": argv[1:],
+                    "shell": espec["shell"],
+                    "cwd": cwd,
+                    "uid": espec["uid"],
+                    "gid": espec["gid"],
+                    "timeout": run.spec["timeout"],
+                    "truncate_at": espec["truncate_output_at"],
+                    "env": mask_env(env),
+                },
+                spid,
+            )
+            early, proc.early = proc.early, None
+            for stream, chunk in early or []:
+                self._record_proc_output(run, proc, stream, chunk)
+        proc.spawn_recorded.set()
+        if proc.stdin_open:
+            with contextlib.suppress(RequestError):
+                self._write_proc_stdin(run, spid, stdin_data, stdin["close"])
+        return spid
+
+    def _write_proc_stdin(self, run: _Run, spid: int, data: bytes, close: bool) -> None:
+        proc = run.procs.get(spid)
+        if proc is None or proc.process is None:
+            raise RequestError(404, f"no live process with spid {spid}")
+        with proc.stdin_lock:
+            if proc.process.done():
+                raise RequestError(404, f"no live process with spid {spid}")
+            if not proc.stdin_open:
+                raise Conflict("stdin is closed")
+            try:
+                if data:
+                    proc.process.write_stdin(data)
+                    self._record_proc_stdin(run, proc, data)
+                if close:
+                    proc.stdin_open = False
+                    proc.process.close_stdin()
+            except OSError as exc:
+                proc.stdin_open = False
+                raise Conflict("stdin is closed") from exc
+
+    def _record_proc_stdin(self, run: _Run, proc: _Proc, data: bytes) -> None:
+        keep = max(0, min(len(data), proc.truncate_at - proc.stdin_recorded))
+        proc.stdin_recorded += keep
+        if keep:
+            value, enc = encode_stream(data[:keep])
+            self._emit(
+                run, "stdin", {"value": value, "encoding": enc, "truncated": False}, proc.spid
+            )
+        if keep < len(data):
+            proc.streams["stdin"].dropped += len(data) - keep
+
+    def _on_proc_output(self, run: _Run, proc: _Proc, stream: str, chunk: bytes) -> None:
+        with run.lock:
+            if proc.early is not None:
+                proc.early.append((stream, chunk))
+                return
+            self._record_proc_output(run, proc, stream, chunk)
+
+    def _record_proc_output(self, run: _Run, proc: _Proc, stream: str, chunk: bytes) -> None:
+        rec = proc.streams[stream]
+        with run.lock:
+            keep = max(0, min(len(chunk), proc.truncate_at - len(rec.data)))
+            if keep:
+                part = chunk[:keep]
+                rec.data += part
+                for i in range(0, len(part), _CHUNK):
+                    value, enc = encode_stream(part[i : i + _CHUNK])
+                    self._emit(
+                        run,
+                        stream,
+                        {"value": value, "encoding": enc, "truncated": False},
+                        proc.spid,
+                    )
+            rec.dropped += len(chunk) - keep
+
+    def _on_proc_exit(self, run: _Run, proc: _Proc, res: Any) -> None:
+        """Record the extra process's `truncated` and `exit` events (its I/O thread)."""
+        try:
+            proc.stdin_open = False
+            # `spawn` first: the process may end before exec() has recorded it.
+            proc.spawn_recorded.wait(timeout=10)
+            if res.signal == signal_mod.SIGKILL and not proc.signalled:
+                # Killed with its sandbox: spid 1's exit comes first in the log (§4.9).
+                run.main_exit_recorded.wait(timeout=2)
+            if res.error:
+                self._emit(
+                    run,
+                    "stderr",
+                    {"value": f"{res.error}\n", "encoding": "ascii", "truncated": False},
+                    proc.spid,
+                )
+            for name in ("stdout", "stderr", "stdin"):
+                rec = proc.streams[name]
+                if rec.dropped:
+                    emitted = len(rec.data) if name != "stdin" else proc.stdin_recorded
+                    self._emit(
+                        run,
+                        "truncated",
+                        {"stream": name, "bytes_emitted": emitted, "bytes_dropped": rec.dropped},
+                        proc.spid,
+                    )
+            code = -1 if res.exit_code is None else int(res.exit_code)
+            sig = -1 if res.exit_code is not None else int(res.signal or 9)
+            self._emit(
+                run,
+                "exit",
+                {
+                    "pid": int(res.pid or 0),
+                    "code": code,
+                    "signal": sig,
+                    "core_dump": False,
+                    "timed_out": False,
+                    "duration_ms": round(float(res.duration or 0) * 1000),
+                    "resources": event_resources(res.rusage),
+                },
+                proc.spid,
+            )
+        finally:
+            proc.exit_recorded.set()
+
+    def _end_subprocesses(self, run: _Run) -> None:
+        """After spid 1 exited: the extra processes die with the sandbox; record their exits.
+
+        Their helpers must be gone before the upper dir is committed.
+        """
+        procs = list(run.procs.values())
+        for proc in procs:
+            if proc.process is not None:
+                proc.process.kill()
+        for proc in procs:
+            if proc.process is not None:
+                proc.exit_recorded.wait(timeout=5)
+
+    def subprocess_result(self, op_uuid: str, spid: int) -> dict[str, Any] | None:
+        """InstanceResult of an extra process from its events; None without `spawn`."""
+        events = self.ops.events(op_uuid, spid=spid)
+        if not any(ev.type == "spawn" for ev in events):
+            return None
+        result = empty_result()
+        data = {"stdout": bytearray(), "stderr": bytearray()}
+        truncated = {"stdout": False, "stderr": False}
+        for ev in events:
+            if ev.type == "spawn":
+                result["state"]["pid"] = int(ev.data.get("pid", 0) or 0)
+            elif ev.type in data:
+                try:
+                    data[ev.type] += decode_stream(
+                        str(ev.data.get("value", "")), str(ev.data.get("encoding") or "ascii")
+                    )
+                except RequestError:
+                    continue
+            elif ev.type == "truncated" and ev.data.get("stream") in truncated:
+                truncated[ev.data["stream"]] = True
+            elif ev.type == "exit":
+                code, sig = int(ev.data.get("code", -1)), int(ev.data.get("signal", -1))
+                result["state"].update(
+                    exit_code=code,
+                    signal=0 if sig == -1 else sig,
+                    timed_out=bool(ev.data.get("timed_out", False)),
+                    pid=int(ev.data.get("pid", 0) or 0),
+                )
+                result["resources"] = result_resources(
+                    ev.data.get("resources"), float(ev.data.get("duration_ms", 0)) / 1000
+                )
+        for name in ("stdout", "stderr"):
+            value, enc = encode_stream(bytes(data[name]))
+            result[name] = {"value": value, "encoding": enc, "truncated": truncated[name]}
+        return result
+
+    # -- writable layer size cap ---------------------------------------------------
+
+    def _watch_layer_size(self, run: _Run, sandbox: Any, upper: Path) -> threading.Event | None:
+        """Watch the upper dir during the run when a cap below the default was asked for.
+
+        Kills the sandbox once the cap is crossed; `_complete` then fails the run. The
+        default cap (12 GiB) is only checked after the run: walking a large upper dir
+        twice a second would cost more than it saves.
+        """
+        limit = int(run.spec["resources_limits"]["max_layer_bytes"])
+        if limit >= DEFAULT_MAX_LAYER_BYTES:
+            return None
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(_SIZE_POLL) and not sandbox.done():
+                if layer_size(upper, stop_above=limit) > limit:
+                    run.size_capped = True
+                    sandbox.kill()
+                    return
+
+        threading.Thread(target=watch, name=f"sizecap-{run.op[:8]}", daemon=True).start()
+        return stop
+
+    def _size_cap(self, run: _Run, limit: int, size: int, info: Any) -> None:
+        """Fail a run whose writable layer grew past max_layer_bytes; nothing is kept."""
+        with run.lock:
+            if run.closed:
+                return
+            self._emit(run, "size_cap", {"limit_bytes": limit, "file_size": size}, 0)
+            self._emit(
+                run, "shutdown", {"stopped_at": iso_z(utcnow()), "reason": "job_complete"}, 0
+            )
+            run.closed = True
+            result = empty_result()
+            result["stdout"] = self._stream_repr(run, "stdout")
+            result["stderr"] = self._stream_repr(run, "stderr")
+            self.ops.finish(
+                run.op,
+                "FAILED",
+                error=(
+                    f"size_cap: the run's writable layer exceeded "
+                    f"resources_limits.max_layer_bytes ({size} > {limit} bytes)"
+                ),
+                metadata=self._metadata(run, result),
+            )
+
     # -- files --------------------------------------------------------------------
 
     def _materialize(self, view: Any, upper: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -907,6 +1245,137 @@ class InstanceManager:
             os.chown(tmp, spec["uid"], spec["gid"])
             os.chmod(tmp, parse_mode(spec["mode"]))
             os.replace(tmp, dest)
+
+
+_SIZE_POLL = 0.25
+_EXEC_FORBIDDEN = (
+    "image",
+    "hostname",
+    "resources_limits",
+    "files",
+    "timeout",
+    "disposable",
+    "preserve_env",
+    "preserve_cwd",
+    "networking",
+)
+
+
+def normalize_exec_request(body: Any) -> dict[str, Any]:
+    """Validate an ExecSpec (body of POST …/subprocesses) and fill its defaults."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    bad = [k for k in _EXEC_FORBIDDEN if k in body]
+    if bad:
+        raise RequestError(400, f"not accepted for a subprocess: {', '.join(bad)}")
+    command = body.get("command")
+    if not isinstance(command, str) or not command:
+        raise RequestError(400, "'command' is required and must be a non-empty string")
+    shell = _bool(body, "shell", False)
+    args = body.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise RequestError(400, "'args' must be a list of strings")
+    if shell and args:
+        raise RequestError(400, "'args' must be empty when 'shell' is true")
+    env = body.get("env")
+    if env is None:
+        env = {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in env.items()
+    ):
+        raise RequestError(400, "'env' must be an object of string values")
+    if any(not k or "=" in k or "\0" in k for k in env):
+        raise RequestError(400, "'env' names must be non-empty and contain no '='")
+    cwd = body.get("cwd")
+    if cwd is None:
+        cwd = ""
+    if not isinstance(cwd, str) or not _CWD_RE.match(cwd) or "\0" in cwd:
+        raise RequestError(400, "'cwd' must be an absolute path or empty")
+    if len(cwd) > 1:
+        cwd = cwd.rstrip("/")
+    truncate = body.get("truncate_output_at")
+    truncate = (
+        DEFAULT_TRUNCATE
+        if truncate is None
+        else _int(truncate, "truncate_output_at", minimum=0, maximum=MAX_TRUNCATE)
+    )
+    return {
+        "command": command,
+        "args": list(args),
+        "shell": shell,
+        "env": dict(env),
+        "cwd": cwd,
+        "uid": _int(body.get("uid", 0) or 0, "uid", minimum=0, maximum=2**32 - 2),
+        "gid": _int(body.get("gid", 0) or 0, "gid", minimum=0, maximum=2**32 - 2),
+        "stdin": _stdin(body.get("stdin")),
+        "truncate_output_at": truncate,
+    }
+
+
+def layer_size(upper: Path, *, stop_above: int | None = None) -> int:
+    """Bytes in a run's upper dir (file sizes, symlink targets, 512 per other entry).
+
+    Stops early once past `stop_above` (the answer is then only "more than that").
+    """
+    total = 0
+    stack = [str(upper)]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    total += 512
+                elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                    total += st.st_size
+                else:
+                    total += 512
+                if stop_above is not None and total > stop_above:
+                    return total
+    return total
+
+
+def network_event(sandbox: Any) -> dict[str, Any]:
+    """The `network` event's payload: the sandbox's interfaces and counters."""
+    pid1 = int(getattr(sandbox, "_pid1", 0) or 0)
+    interfaces: list[dict[str, Any]] = []
+    error: str | None = None
+    try:
+        with open(f"/proc/{pid1}/net/dev") as fh:
+            lines = fh.read().splitlines()[2:]
+        for line in lines:
+            name, _, rest = line.partition(":")
+            f = [int(x) for x in rest.split()]
+            if len(f) < 12:
+                continue
+            interfaces.append(
+                {
+                    "name": name.strip(),
+                    "rx_bytes": f[0],
+                    "rx_packets": f[1],
+                    "rx_errs": f[2],
+                    "rx_drop": f[3],
+                    "tx_bytes": f[8],
+                    "tx_packets": f[9],
+                    "tx_errs": f[10],
+                    "tx_drop": f[11],
+                }
+            )
+    except (OSError, ValueError) as exc:
+        error = f"cannot read the sandbox's interfaces: {exc}"
+    out: dict[str, Any] = {"interfaces": interfaces, "configured": {}}
+    if error:
+        out["error"] = error
+    return out
 
 
 def _wait_until_exec(sandbox: Any, limit: float = 2.0) -> None:

@@ -347,6 +347,168 @@ async def download(request: Request) -> Response:
     return StreamingResponse(_iter_file(fh), media_type=media, headers=headers)
 
 
+_GREP_CASES = ("sensitive", "insensitive", "smart")
+_GREP_MAX_ITEMS = 16
+
+
+def archive_filename(path: str) -> str:
+    """`/bin/true` → `bin_true.tar`; `/` → `rootfs.tar` (§4.6)."""
+    stem = path.strip("/").replace("/", "_")
+    return f"{stem or 'rootfs'}.tar"
+
+
+def _accepts_gzip(request: Request) -> bool:
+    for part in request.headers.get("accept-encoding", "").split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip()
+            return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
+    return False
+
+
+def _open_archive(state: ServerState, image_uuid: str, path: str, gz: bool) -> Iterator[bytes]:
+    """Check the path, then a chunk iterator over the tar (layers pinned until exhausted)."""
+    from contree_shell.sandbox import archive
+    from contree_shell.sandbox.inspect import PathNotFound
+
+    rec = _get_image(state, image_uuid)
+    pin = state.store.pinned_layers(rec.uuid)
+    layers = pin.__enter__()
+    try:
+        from contree_shell.sandbox.inspect import ImageView
+
+        view = ImageView(list(layers))
+        try:
+            st = view.stat(path, follow=True)
+        except PathNotFound:
+            raise ApiError(404, f"no such file or directory: {path}") from None
+        if not (st.is_dir or st.is_regular):
+            raise ApiError(422, f"not a file or directory: {path}")
+        chunks = archive.iter_archive(view, path, gzip=gz)
+        first = next(chunks, b"")  # surfaces errors while a status can still be sent
+    except NotADirectoryError:
+        pin.__exit__(None, None, None)
+        raise ApiError(404, f"no such file or directory: {path}") from None
+    except ApiError:
+        pin.__exit__(None, None, None)
+        raise
+    except Exception as exc:
+        pin.__exit__(None, None, None)
+        if type(exc).__name__ in ("PathNotFound", "FileNotFoundError"):
+            raise ApiError(404, f"no such file or directory: {path}") from None
+        if type(exc).__name__ in ("NotAFile", "NotADirectory", "IsADirectoryError"):
+            raise ApiError(422, f"not a file or directory: {path}") from None
+        raise
+
+    def gen() -> Iterator[bytes]:
+        try:
+            if first:
+                yield first
+            yield from chunks
+        finally:
+            pin.__exit__(None, None, None)
+
+    return gen()
+
+
+async def archive_image(request: Request) -> Response:
+    state = _state(request)
+    path = _path_param(request)
+    gz = _accepts_gzip(request)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{archive_filename(path)}"',
+        "Vary": "Accept-Encoding",
+    }
+    if gz:
+        headers["Content-Encoding"] = "gzip"
+    if request.method == "HEAD":
+        await run_in_threadpool(_check_archive_path, state, request.path_params["uuid"], path)
+        return Response(status_code=200, headers=headers, media_type="application/x-tar")
+    chunks = await run_in_threadpool(_open_archive, state, request.path_params["uuid"], path, gz)
+    return StreamingResponse(
+        iterate_in_thread(chunks), media_type="application/x-tar", headers=headers
+    )
+
+
+def _check_archive_path(state: ServerState, image_uuid: str, path: str) -> None:
+    from contree_shell.sandbox.inspect import PathNotFound
+
+    with _view(state, image_uuid) as view:
+        try:
+            st = view.stat(path, follow=True)
+        except (PathNotFound, NotADirectoryError):
+            raise ApiError(404, f"no such file or directory: {path}") from None
+        if not (st.is_dir or st.is_regular):
+            raise ApiError(422, f"not a file or directory: {path}")
+
+
+async def iterate_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Drive a blocking chunk iterator from the worker pool, one chunk at a time."""
+    sentinel = object()
+    try:
+        while True:
+            chunk = await run_in_threadpool(next, chunks, sentinel)
+            if chunk is sentinel:
+                return
+            yield chunk  # type: ignore[misc]
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await run_in_threadpool(close)
+
+
+def grep_params(q: Any) -> dict[str, Any]:
+    """Validated grep query parameters (§2.5, §5.3) as keyword arguments for grep()."""
+    patterns = q.getlist("pattern")
+    if not patterns or any(p == "" for p in patterns):
+        raise ApiError(400, "query parameter 'pattern' is required (non-empty)")
+    if len(patterns) > _GREP_MAX_ITEMS:
+        raise ApiError(400, f"at most {_GREP_MAX_ITEMS} 'pattern' values")
+    if any(len(p) > 1024 for p in patterns):
+        raise ApiError(400, "a 'pattern' is longer than 1024 characters")
+    paths = [p for p in q.getlist("path") if p != ""] or ["/"]
+    if len(paths) > _GREP_MAX_ITEMS:
+        raise ApiError(400, f"at most {_GREP_MAX_ITEMS} 'path' values")
+    if any("\0" in p for p in paths + patterns):
+        raise ApiError(400, "parameters must not contain NUL")
+    globs = [g for g in q.getlist("glob") if g != ""]
+    case = q.get("case") or "sensitive"
+    if case not in _GREP_CASES:
+        raise ApiError(400, f"'case' must be one of {', '.join(_GREP_CASES)}, got {case!r}")
+    return {
+        "patterns": patterns,
+        "paths": paths,
+        "globs": globs,
+        "case": case,
+        "before": int_param(q, "before", 0, minimum=0, maximum=50),
+        "after": int_param(q, "after", 0, minimum=0, maximum=50),
+        "max_count": int_param(q, "max_count", None, minimum=1, maximum=10000),
+        "max_total": int_param(q, "max_total", 1000, minimum=1, maximum=10000),
+    }
+
+
+def _grep(state: ServerState, image_uuid: str, params: dict[str, Any]) -> dict[str, Any]:
+    from contree_shell.sandbox import grep as grep_mod
+    from contree_shell.sandbox.inspect import PathNotFound
+
+    with _view(state, image_uuid) as view:
+        try:
+            result: dict[str, Any] = grep_mod.grep(view, **params)
+        except PathNotFound as exc:
+            raise ApiError(404, f"no such file or directory: {exc}") from None
+        except ValueError as exc:
+            raise ApiError(400, f"invalid pattern: {exc}") from None
+    return result
+
+
+async def grep_image(request: Request) -> Response:
+    state = _state(request)
+    params = grep_params(request.query_params)
+    _get_image(state, request.path_params["uuid"])
+    result = await run_in_threadpool(_grep, state, request.path_params["uuid"], params)
+    return JSONResponse(result)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -473,12 +635,17 @@ async def get_operation(request: Request) -> Response:
 
 
 async def get_subprocess(request: Request) -> Response:
-    """InstanceResult of spid 1 (the only process this engine runs per instance)."""
+    """InstanceResult of one process: spid 1 from the run, spid >= 2 from its events."""
     state = _state(request)
     op = _get_op(state, request.path_params["op"])
     spid = _spid(request)
-    if op.kind != "instance" or spid != 1 or op.status == "CANCELLED":
+    if op.kind != "instance" or op.status == "CANCELLED":
         raise ApiError(404, f"no process with spid {spid} in operation {op.uuid}")
+    if spid >= 2:
+        sub = await run_in_threadpool(state.instances.subprocess_result, op.uuid, spid)
+        if sub is None:
+            raise ApiError(404, f"no process with spid {spid} in operation {op.uuid}")
+        return JSONResponse(sub)
     result = (
         op.metadata.get("result")
         if op.status in TERMINAL
@@ -541,11 +708,18 @@ def _spid(request: Request) -> int:
 
 
 async def exec_subprocess(request: Request) -> Response:
+    """Start another process (spid >= 2) in a running instance (see sandbox/nsexec.py)."""
     state = _state(request)
     op = _get_op(state, request.path_params["op"])
+    body = await _json_body(request)
     if op.kind != "instance" or op.status in TERMINAL:
         raise ApiError(409, "operation is not a running instance")
-    raise ApiError(501, "extra subprocesses (spid >= 2) are not supported by the local server yet")
+    spid = await run_in_threadpool(state.instances.exec, op.uuid, body)
+    return JSONResponse(
+        {"spid": spid},
+        status_code=201,
+        headers={"Location": f"/v1/operations/{op.uuid}/subprocesses/{spid}"},
+    )
 
 
 async def signal_process(request: Request) -> Response:
@@ -661,6 +835,8 @@ ROUTES = [
     Route("/v1/inspect/{uuid}/", get_image, methods=["GET"]),
     Route("/v1/inspect/{uuid}/list", list_dir, methods=["GET"]),
     Route("/v1/inspect/{uuid}/download", download, methods=["GET", "HEAD"]),
+    Route("/v1/inspect/{uuid}/archive", archive_image, methods=["GET", "HEAD"]),
+    Route("/v1/inspect/{uuid}/grep", grep_image, methods=["GET"]),
 ]
 
 

@@ -32,7 +32,8 @@ def _home(args: argparse.Namespace) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        return daemon.run_server(_home(args), args.listen, log_level=args.log_level)
+        limits = {"memory": args.memory, "pids": args.pids, "cpus": args.cpus}
+        return daemon.run_server(_home(args), args.listen, log_level=args.log_level, limits=limits)
     except daemon.ServerError as exc:
         _err(str(exc))
         return 1
@@ -123,6 +124,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     run.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    run.add_argument(
+        "--memory", metavar="BYTES", help="memory limit per run, e.g. 2G (env CONTREE_LIMIT_MEMORY)"
+    )
+    run.add_argument("--pids", metavar="N", help="process limit per run (env CONTREE_LIMIT_PIDS)")
+    run.add_argument(
+        "--cpus", metavar="N", help="CPU limit per run, e.g. 0.5 (env CONTREE_LIMIT_CPUS)"
     )
     start = add("start", cmd_start, "start the server in the background")
     start.add_argument("--listen", metavar="HOST:PORT", help="also serve TCP")

@@ -238,7 +238,66 @@ def _bind_tcp(listen: str) -> socket.socket:
     return sock
 
 
-def build_state(home: Path, token: str | None) -> Any:
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """ "512M", "2g", "1073741824", "1.5G" → bytes; ValueError otherwise."""
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = raw[-1:] if raw[-1:] in _SIZE_SUFFIXES else ""
+    number = raw[: len(raw) - len(unit)] if unit else raw
+    value = int(float(number) * _SIZE_SUFFIXES[unit])
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def server_limits(
+    memory: str | None = None, pids: str | None = None, cpus: str | None = None
+) -> Any:
+    """The server-wide run limits (cgroups.Limits) from settings, else the environment
+    (CONTREE_LIMIT_MEMORY, CONTREE_LIMIT_PIDS, CONTREE_LIMIT_CPUS); None when unset.
+
+    A limit whose cgroup controller this host lacks is dropped with a one-line warning,
+    so runs still start.
+    """
+    from contree_shell.sandbox import cgroups
+
+    memory = memory or os.environ.get("CONTREE_LIMIT_MEMORY") or None
+    pids = pids or os.environ.get("CONTREE_LIMIT_PIDS") or None
+    cpus = cpus or os.environ.get("CONTREE_LIMIT_CPUS") or None
+    try:
+        limits = cgroups.Limits(
+            memory_bytes=parse_bytes(memory) if memory else None,
+            pids=int(pids) if pids else None,
+            cpus=float(cpus) if cpus else None,
+        )
+    except ValueError as exc:
+        raise ServerStartError(f"invalid resource limit setting: {exc}") from None
+    if (limits.pids is not None and limits.pids < 1) or (
+        limits.cpus is not None and limits.cpus <= 0
+    ):
+        raise ServerStartError("resource limits must be positive")
+    wanted = limits.controllers()
+    if not wanted:
+        return None
+    layout = cgroups.detect()
+    available = set(layout.v1) | set(layout.v2_controllers)
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        log.warning(
+            "cgroup controller(s) %s not available: those run limits are not applied",
+            ", ".join(missing),
+        )
+        limits = cgroups.Limits(
+            memory_bytes=None if "memory" in missing else limits.memory_bytes,
+            pids=None if "pids" in missing else limits.pids,
+            cpus=None if "cpu" in missing else limits.cpus,
+        )
+    return limits if limits.controllers() else None
+
+
+def build_state(home: Path, token: str | None, limits: Any = None) -> Any:
     """Open the databases and the store, recover from a previous crash, build managers."""
     from contree_shell.sandbox.files import FileStore
     from contree_shell.sandbox.imports import ImportManager
@@ -272,6 +331,7 @@ def build_state(home: Path, token: str | None) -> Any:
         default_timeout=timeout,
         network_supported=_network_supported(),
         default_network=default_network,
+        limits=limits,
     )
     imports = ImportManager(store=store, store_root=store_root, ops=ops)
     return ServerState(
@@ -294,7 +354,12 @@ def _network_supported() -> bool:
     return bool(getattr(runtime, "NETWORK_SUPPORTED", False))
 
 
-def run_server(home: Path | None = None, listen: str | None = None, log_level: str = "info") -> int:
+def run_server(
+    home: Path | None = None,
+    listen: str | None = None,
+    log_level: str = "info",
+    limits: dict[str, str | None] | None = None,
+) -> int:
     """Serve in the foreground until SIGTERM/SIGINT. Returns the exit status."""
     import uvicorn
 
@@ -322,7 +387,7 @@ def run_server(home: Path | None = None, listen: str | None = None, log_level: s
     if listen:
         token = ensure_token(home)
         sockets.append(_bind_tcp(listen))
-    state = build_state(home, token)
+    state = build_state(home, token, server_limits(**(limits or {})))
     (home / PID_NAME).write_text(f"{os.getpid()}\n")
     config = uvicorn.Config(
         create_app(state),

@@ -1,0 +1,451 @@
+"""Extra processes in a running sandbox (subprocess spid >= 2), entered with setns(2).
+
+The runtime has no exec-into API, and pid 1 of a sandbox only starts the main command,
+so an extra process is started from the server: a forked helper joins the sandbox's
+pid namespace (setns only affects its children) and forks the process, which joins the
+mount, uts, ipc, net and cgroup namespaces (the mount namespace's root is the pivoted
+overlay), changes directory, hardens itself exactly like the main command (capabilities,
+no_new_privs, seccomp, uid/gid) and execs. The helper stays outside the sandbox, reaps the
+process and reports its wait status and rusage on a status pipe, so the mount namespace is
+never held by anything but the sandbox's own processes.
+
+When pid 1 dies the kernel kills every process of the pid namespace, so an extra process
+never outlives its instance; the helper carries PR_SET_PDEATHSIG like the runtime's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contree_shell.sandbox import hardening
+from contree_shell.sandbox import syscalls as sc
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns = _libc.setns
+_setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_setns.restype = ctypes.c_int
+
+# Joined by the process itself (the helper joins only "pid", and "user" when different).
+_LATE_NS = ("mnt", "uts", "ipc", "net", "cgroup")
+_STATUS_FD = 3
+_EXEC_STAGE = b"exec"
+_READ_CHUNK = 65536
+
+
+class ExecError(Exception):
+    """The extra process could not be started."""
+
+
+@dataclass
+class ExecResult:
+    """How an extra process ended (same conventions as runtime.ExitInfo)."""
+
+    exit_code: int | None
+    signal: int | None
+    pid: int
+    duration: float
+    rusage: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+_RUSAGE_KEYS = ("user_time_us", "sys_time_us", "max_rss_kb", "shared_memory",
+                "unshared_memory", "swaps", "minor_faults", "major_faults",
+                "voluntary_ctx_switches", "involuntary_ctx_switches", "block_input_ops",
+                "block_output_ops", "ipc_msgs_sent", "ipc_msgs_received",
+                "signals_received")  # fmt: skip
+
+
+def _check(res: int) -> int:
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
+
+
+def _high(fd: int) -> int:
+    """`fd` moved to >= 10 (close-on-exec), so the child's dup2 onto 0..3 spares it."""
+    if fd >= 10:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return new
+
+
+def _ns_inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def _cgroup_procs(pid1: int) -> list[bytes]:
+    """cgroup.procs files of pid 1's cgroups (v2 unified and v1 hierarchies), host view."""
+    from contree_shell.sandbox import cgroups
+
+    try:
+        text = Path(f"/proc/{pid1}/cgroup").read_text()
+        own = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return []
+    if text == own:
+        return []
+    v1, v2 = cgroups.parse_proc_cgroup(text)
+    layout = cgroups.detect()
+    out: list[bytes] = []
+    if v2 is not None and layout.v2 is not None:
+        out.append(os.fsencode(layout.v2 / v2.lstrip("/") / "cgroup.procs"))
+    for ctrl, rel in v1.items():
+        mount = layout.v1.get(ctrl)
+        if mount is not None:
+            path = os.fsencode(mount / rel.lstrip("/") / "cgroup.procs")
+            if path not in out:
+                out.append(path)
+    return [p for p in out if os.path.exists(p)]
+
+
+def _report(line: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.write(_STATUS_FD, line)
+
+
+def _child(ns_pid_fd: int, user_fd: int, late: list[int], procs: list[bytes], cwd: bytes,
+           argv: list[str], env: dict[str, str], harden: hardening.Hardening,
+           fds: tuple[int, int, int, int], parent: int) -> None:  # fmt: skip
+    """The helper (after fork from the server): never returns."""
+    code = 1
+    stage = b"setup"
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        sc.reset_signals(hardening.RESET_SIGNALS)
+        # Every descriptor passed in is >= 10 (see _high), so laying out 0..3 cannot
+        # clobber one; then drop everything else the server had open.
+        os.dup2(fds[0], 0)
+        os.dup2(fds[1], 1)
+        os.dup2(fds[2], 2)
+        os.dup2(fds[3], _STATUS_FD, inheritable=False)
+        low = _STATUS_FD + 1
+        for fd in sorted(f for f in (ns_pid_fd, user_fd, *late) if f >= 0):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
+        stage = b"cgroup"
+        for procs_file in procs:
+            with contextlib.suppress(OSError):
+                fd = os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+        if user_fd >= 0:
+            stage = b"setns-user"
+            _check(_setns(user_fd, 0))
+        stage = b"setns-pid"
+        _check(_setns(ns_pid_fd, 0))
+        stage = b"fork"
+        pid = os.fork()
+        if pid == 0:
+            _process(late, cwd, argv, env, harden)
+        _report(b"S %d\n" % pid)
+        for fd in (0, 1, 2):
+            os.close(fd)
+        _pid, status, ru = os.wait4(pid, 0)
+        counters = (int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6), ru.ru_maxrss, ru.ru_ixrss,
+                    ru.ru_idrss + ru.ru_isrss, ru.ru_nswap, ru.ru_minflt, ru.ru_majflt,
+                    ru.ru_nvcsw, ru.ru_nivcsw, ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd,
+                    ru.ru_msgrcv, ru.ru_nsignals)  # fmt: skip
+        _report(b"X %d " % status + b" ".join(b"%d" % c for c in counters) + b"\n")
+        code = 0
+    except BaseException as e:
+        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
+    finally:
+        os._exit(code)
+
+
+def _process(late: list[int], cwd: bytes, argv: list[str], env: dict[str, str],
+             harden: hardening.Hardening) -> None:  # fmt: skip
+    """The extra process, inside the sandbox's pid namespace: join the rest, exec."""
+    stage = b"setup"
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        stage = b"setns"
+        for fd in late:
+            if fd >= 0:
+                _check(_setns(fd, 0))
+                os.close(fd)
+        stage = b"cwd"
+        os.chdir(b"/")
+        with contextlib.suppress(OSError):
+            os.makedirs(cwd, 0o755, exist_ok=True)
+        os.chdir(cwd)
+        stage = b"harden"
+        os.setsid()
+        _report(b"R\n")
+        with contextlib.suppress(OSError):
+            fd = os.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"500")
+            finally:
+                os.close(fd)
+        hardening.apply(harden)
+        stage = _EXEC_STAGE
+        os.execvpe(argv[0], argv, env)
+    except BaseException as e:
+        err = getattr(e, "errno", None) or 0
+        _report(b"E %s %d\n" % (stage, err))
+        os._exit(127 if stage != _EXEC_STAGE or err == errno.ENOENT else 126)
+    os._exit(127)
+
+
+def _cloexec_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    return _high(r), _high(w)
+
+
+class NsProcess:
+    """One extra process inside a running sandbox. Thread-safe; callbacks on its I/O thread."""
+
+    def __init__(self, on_output: Callable[[str, bytes], None],
+                 on_exit: Callable[[ExecResult], None] | None) -> None:  # fmt: skip
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self._helper = 0
+        self._host_pid = 0
+        self.pid = 0  # pid inside the sandbox's pid namespace
+        self._ready = threading.Event()  # the process has called setsid()
+        self._spawned = threading.Event()
+        self._done = threading.Event()
+        self._stdin_w = -1
+        self._result: ExecResult | None = None
+        self._error: str | None = None
+        self._status: bytes | None = None
+        self._counters: list[int] = []
+        self._started_at = time.monotonic()
+
+    @classmethod
+    def start(cls, *, pid1: int, argv: list[str], env: dict[str, str], cwd: str, uid: int,
+              gid: int, stdin_open: bool, on_output: Callable[[str, bytes], None],
+              on_exit: Callable[[ExecResult], None] | None = None) -> NsProcess:  # fmt: skip
+        """Start `argv` in the sandbox whose pid 1 has host pid `pid1`; ExecError if not."""
+        if not argv or not argv[0]:
+            raise ExecError("empty command")
+        try:
+            harden = hardening.prepare(uid, gid)
+        except (OSError, RuntimeError) as e:
+            raise ExecError(f"cannot prepare the seccomp filter: {e}") from e
+        opened: list[int] = []
+        try:
+            ns_dir = f"/proc/{pid1}/ns"
+            pid_fd = _high(os.open(f"{ns_dir}/pid", os.O_RDONLY | os.O_CLOEXEC))
+            opened.append(pid_fd)
+            user_fd = -1
+            if _ns_inode(f"{ns_dir}/user") != _ns_inode("/proc/self/ns/user"):
+                user_fd = _high(os.open(f"{ns_dir}/user", os.O_RDONLY | os.O_CLOEXEC))
+                opened.append(user_fd)
+            late: list[int] = []
+            for name in _LATE_NS:
+                fd = _high(os.open(f"{ns_dir}/{name}", os.O_RDONLY | os.O_CLOEXEC))
+                opened.append(fd)
+                late.append(fd)
+        except OSError as e:
+            for fd in opened:
+                os.close(fd)
+            raise ExecError(f"the sandbox is gone ({e.strerror})") from e
+        procs = _cgroup_procs(pid1)
+        self = cls(on_output, on_exit)
+        self._argv0 = argv[0]
+        in_r, in_w = _cloexec_pipe()
+        out_r, out_w = _cloexec_pipe()
+        err_r, err_w = _cloexec_pipe()
+        st_r, st_w = _cloexec_pipe()
+        argv_b = list(argv)
+        cwd_b = os.fsencode(cwd or "/")
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(pid_fd, user_fd, late, procs, cwd_b, argv_b, env, harden,
+                       (in_r, out_w, err_w, st_w), parent)  # fmt: skip
+        finally:
+            for fd in (*opened, in_r, out_w, err_w, st_w):
+                os.close(fd)
+        self._helper = pid
+        if stdin_open:
+            self._stdin_w = in_w
+        else:
+            os.close(in_w)
+        for fd in (out_r, err_r, st_r):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        threading.Thread(
+            target=self._loop, args=(out_r, err_r, st_r), name=f"nsexec-{pid}", daemon=True
+        ).start()
+        if not self._spawned.wait(timeout=10):
+            self.kill()
+            raise ExecError("the process did not start in time")
+        if self._error is not None and not self._host_pid:
+            self._done.wait(timeout=5)
+            raise ExecError(self._error)
+        return self
+
+    # -- control ----------------------------------------------------------------
+
+    def write_stdin(self, data: bytes) -> None:
+        """Write all of `data` (blocking); BrokenPipeError/OSError when it cannot."""
+        with self._lock:
+            fd = self._stdin_w
+        if fd < 0:
+            raise BrokenPipeError("stdin is closed")
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            fd, self._stdin_w = self._stdin_w, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def stdin_open(self) -> bool:
+        return self._stdin_w >= 0
+
+    def signal(self, sig: int) -> None:
+        """Signal the process group; ProcessLookupError when it is gone."""
+        if self._done.is_set() or not self._host_pid:
+            raise ProcessLookupError("the process has exited")
+        self._ready.wait(timeout=2)
+        try:
+            os.killpg(self._host_pid, sig)
+        except ProcessLookupError:
+            os.kill(self._host_pid, sig)
+
+    def kill(self) -> None:
+        """Kill the process group and the helper; never raises."""
+        if self._host_pid:
+            with contextlib.suppress(OSError):
+                os.killpg(self._host_pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(self._host_pid, signal.SIGKILL)
+        if self._helper and not self._done.is_set():
+            with contextlib.suppress(OSError):
+                os.kill(self._helper, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> ExecResult | None:
+        if not self._done.wait(timeout):
+            return None
+        return self._result
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # -- I/O thread ---------------------------------------------------------------
+
+    def _loop(self, out_r: int, err_r: int, st_r: int) -> None:
+        sel = selectors.DefaultSelector()
+        names = {out_r: "stdout", err_r: "stderr", st_r: "status"}
+        for fd in names:
+            sel.register(fd, selectors.EVENT_READ)
+        pending = b""
+        try:
+            while names:
+                for key, _ in sel.select():
+                    fd = int(key.fd)
+                    try:
+                        chunk = os.read(fd, _READ_CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(fd)
+                        os.close(fd)
+                        del names[fd]
+                        continue
+                    if names[fd] == "status":
+                        pending += chunk
+                        while b"\n" in pending:
+                            line, pending = pending.split(b"\n", 1)
+                            self._status_line(line)
+                    else:
+                        try:
+                            self._on_output(names[fd], chunk)
+                        except Exception:  # a callback bug must not hang the process
+                            pass
+        finally:
+            sel.close()
+            self._finish()
+
+    def _status_line(self, line: bytes) -> None:
+        parts = line.split()
+        if not parts:
+            return
+        if parts[0] == b"S" and len(parts) == 2:
+            self._host_pid = int(parts[1])
+            self.pid = _ns_pid(self._host_pid) or self._host_pid
+            self._spawned.set()
+        elif parts[0] == b"R":
+            self._ready.set()
+        elif parts[0] == b"X":
+            self._status = parts[1]
+            self._counters = [int(p) for p in parts[2:]]
+        elif parts[0] == b"E" and len(parts) == 3:
+            stage, err = parts[1].decode(), int(parts[2])
+            what = os.strerror(err) if err else "failed"
+            if stage == _EXEC_STAGE.decode():
+                self._error = f"exec {self._argv0}: {what}"
+            else:
+                self._error = f"{stage}: {what}"
+
+    _argv0 = ""
+
+    def _finish(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._helper, 0)
+        self.close_stdin()
+        self._spawned.set()
+        self._ready.set()
+        duration = time.monotonic() - self._started_at
+        code: int | None = None
+        sig: int | None = None
+        if self._status is not None:
+            status = int(self._status)
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+            else:
+                code = os.waitstatus_to_exitcode(status)
+        elif self._error is None:
+            self._error = "the process was lost (its sandbox ended)"
+            sig = signal.SIGKILL
+        rusage = dict(zip(_RUSAGE_KEYS, self._counters, strict=False))
+        error = self._error if self._status is None or code in (126, 127) else None
+        if error is not None and code is None and sig is None:
+            code = 127
+        self._result = ExecResult(code, sig, self.pid, duration, rusage, error)
+        self._done.set()
+        if self._on_exit is not None:
+            with contextlib.suppress(Exception):
+                self._on_exit(self._result)
+
+
+def _ns_pid(host_pid: int) -> int | None:
+    """The innermost pid of a host process (its pid inside the sandbox)."""
+    try:
+        with open(f"/proc/{host_pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+__all__ = ["ExecError", "ExecResult", "NsProcess"]
