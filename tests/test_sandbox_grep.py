@@ -315,6 +315,7 @@ def test_rust_syntax_is_translated(view: ImageView) -> None:
     assert n(r"(?i:ALICE)|zzz") == 1
     assert n("caf[ée]", "/data/utf8") == 1
     assert n(r"stra\x{df}e", "/data/utf8") == 1
+    assert n(r"root[|&~]") == 0 and n(r"x[:|]0") == 1
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,8 @@ def _translate_class(text: str, i: int, icase: bool) -> tuple[str, int]:
             nxt = text[j + 1]
             if not nxt.isascii():
                 raise _PatternError("non-ASCII ranges in a class are not supported")
-        items.append("\\" + c if c in "[]^\\" else c)
+        # `|`, `&`, `~` are plain in Rust classes; escaped, Python never reads set syntax.
+        items.append("\\" + c if c in "[]^\\|&~" else c)
         j += 1
     if wide and negated:
         raise _PatternError("negated classes with non-ASCII characters are not supported")
