@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -37,17 +39,37 @@ def test_type_ahead_waiting_at_start_is_left_for_the_next_prompt(
     assert os.read(r, 100) == b"typed ahead\ntyped during the run\n"
 
 
-def test_a_line_typed_after_the_start_is_forwarded_at_once(pipe: tuple[int, int]) -> None:
+def test_a_line_typed_during_the_run_is_forwarded_after_the_hold(
+        pipe: tuple[int, int]) -> None:
     r, w = pipe
-    source = TerminalStdin(r)
+    source = TerminalStdin(r, hold=0.2)
     source.start()
     try:
         assert not source.type_ahead
         os.write(w, b"answer\n")
+        started = time.monotonic()
         assert source.get(5) == b"answer\n"
+        assert time.monotonic() - started >= 0.15
     finally:
         source.stop()
     assert source.leftover() == b""
+
+
+def test_a_line_held_when_the_run_ends_goes_back_to_the_prompt(
+        pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    source = TerminalStdin(r, hold=30)
+    source.start()
+    os.write(w, b"next command\n")
+    got: list[object] = []
+    getter = threading.Thread(target=lambda: got.append(source.get(None)))
+    getter.start()
+    while pending_bytes(r):
+        os.sched_yield()
+    source.stop()  # the command finished while the line was held
+    getter.join(5)
+    assert got == [None]
+    assert source.leftover() == b"next command\n"
 
 
 def test_a_line_read_but_never_sent_is_handed_back(pipe: tuple[int, int]) -> None:

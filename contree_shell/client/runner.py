@@ -177,6 +177,10 @@ class _Follow:
         self.last_id = event["id"]
         if etype == "exit" and spid == 1:
             self.exit = data
+            if self.forwarder is not None:
+                # The process is gone and its stdin takes nothing more; stopping now lets
+                # the source keep what was typed since (the shell's next prompt gets it).
+                self.forwarder.stop()
         elif etype == "completion":
             self.completion = data
 

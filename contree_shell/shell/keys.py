@@ -12,6 +12,7 @@ import logging
 from prompt_toolkit.enums import EditingMode
 from prompt_toolkit.filters import has_completions, is_done
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
 
 from contree_shell.shell.router import is_incomplete
 from contree_shell.shell.settings import KEY_ACTIONS, ShellSettings
@@ -72,6 +73,20 @@ def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
         if buffer.document.is_cursor_at_the_end and is_incomplete(buffer.text):
             buffer.insert_text("\n")
         else:
+            buffer.validate_and_handle()
+
+    @kb.add(Keys.BracketedPaste, filter=~is_done)
+    def _paste(event: KeyPressEvent) -> None:
+        """Paste; a pasted block that ends with a newline runs at once, as in bash.
+
+        The whole block is accepted as one input, so run_text runs it line by line and
+        stops at the first failure.
+        """
+        data = event.data.replace("\r\n", "\n").replace("\r", "\n")
+        buffer = event.current_buffer
+        buffer.insert_text(data.rstrip("\n") if data.endswith("\n") else data)
+        if data.endswith("\n") and buffer.document.is_cursor_at_the_end \
+                and not is_incomplete(buffer.text):
             buffer.validate_and_handle()
 
     @kb.add("c-c", filter=~is_done)
