@@ -13,7 +13,7 @@ lines to the finished command and they are lost. The rule that decides who gets 
 2. **A line typed during the run is read at once and forwarded after `HOLD` seconds**
    if the command is still running then. A command that waits for an answer is still
    running 0.3 s later, and 0.3 s is below what a person notices after pressing Enter;
-   a command that was merely finishing (the common case: a short command, 0.1–0.3 s
+   a command that was merely finishing (the common case: a short command, 0.1 to 0.3 s
    from its last output to completion here) has ended by then.
 3. **Nothing read is lost.** When the run ends (or its process exits, for runners that
    stop stdin then), lines read but not yet forwarded are handed back (`leftover()`)
