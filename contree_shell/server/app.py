@@ -11,6 +11,7 @@ import hmac
 import logging
 import re
 import uuid as uuidlib
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -351,12 +352,6 @@ _GREP_CASES = ("sensitive", "insensitive", "smart")
 _GREP_MAX_ITEMS = 16
 
 
-def archive_filename(path: str) -> str:
-    """`/bin/true` → `bin_true.tar`; `/` → `rootfs.tar` (§4.6)."""
-    stem = path.strip("/").replace("/", "_")
-    return f"{stem or 'rootfs'}.tar"
-
-
 def _accepts_gzip(request: Request) -> bool:
     for part in request.headers.get("accept-encoding", "").split(","):
         name, _, params = part.strip().partition(";")
@@ -366,52 +361,71 @@ def _accepts_gzip(request: Request) -> bool:
     return False
 
 
-def _open_archive(state: ServerState, image_uuid: str, path: str, gz: bool) -> Iterator[bytes]:
-    """Check the path, then a chunk iterator over the tar (layers pinned until exhausted)."""
+def _archive_checked(view: Any, path: str) -> str:
+    """The normalized path to archive; ApiError 404 (missing) or 422 (not archivable)."""
     from contree_shell.sandbox import archive
-    from contree_shell.sandbox.inspect import PathNotFound
+    from contree_shell.sandbox.inspect import NotAFile, PathNotFound
 
-    rec = _get_image(state, image_uuid)
-    pin = state.store.pinned_layers(rec.uuid)
-    layers = pin.__enter__()
     try:
-        from contree_shell.sandbox.inspect import ImageView
-
-        view = ImageView(list(layers))
-        try:
-            st = view.stat(path, follow=True)
-        except PathNotFound:
-            raise ApiError(404, f"no such file or directory: {path}") from None
-        if not (st.is_dir or st.is_regular):
-            raise ApiError(422, f"not a file or directory: {path}")
-        chunks = archive.iter_archive(view, path, gzip=gz)
-        first = next(chunks, b"")  # surfaces errors while a status can still be sent
-    except NotADirectoryError:
-        pin.__exit__(None, None, None)
+        return str(archive.archive_check(view, path))
+    except (PathNotFound, NotADirectoryError, FileNotFoundError):
         raise ApiError(404, f"no such file or directory: {path}") from None
-    except ApiError:
-        pin.__exit__(None, None, None)
-        raise
-    except Exception as exc:
-        pin.__exit__(None, None, None)
-        if type(exc).__name__ in ("PathNotFound", "FileNotFoundError"):
-            raise ApiError(404, f"no such file or directory: {path}") from None
-        if type(exc).__name__ in ("NotAFile", "NotADirectory", "IsADirectoryError"):
-            raise ApiError(422, f"not a file or directory: {path}") from None
+    except (NotAFile, IsADirectoryError):
+        raise ApiError(422, f"not a regular file or directory: {path}") from None
+
+
+def _open_archive(state: ServerState, image_uuid: str, path: str, gz: bool) -> Iterator[bytes]:
+    """Validate, then a chunk iterator over the tar; the layers stay pinned until the
+    iterator is exhausted or closed."""
+    from contree_shell.sandbox import archive
+
+    stack = contextlib.ExitStack()
+    view = stack.enter_context(_view(state, image_uuid))
+    try:
+        normalized = _archive_checked(view, path)
+        chunks = archive.iter_archive(view, normalized, gzip=gz)
+    except BaseException:
+        stack.close()
         raise
 
-    def gen() -> Iterator[bytes]:
+    return _Pinned(chunks, stack)
+
+
+class _Pinned:
+    """A chunk iterator that releases its resources when exhausted or closed, even if
+    it was never started (a client that disconnects before the first chunk)."""
+
+    def __init__(self, chunks: Iterator[bytes], stack: contextlib.ExitStack) -> None:
+        self._chunks = chunks
+        self._stack = stack
+        weakref.finalize(self, stack.close)  # never-started responses release too
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
         try:
-            if first:
-                yield first
-            yield from chunks
-        finally:
-            pin.__exit__(None, None, None)
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
 
-    return gen()
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        self._stack.close()
+
+
+def _check_archive(state: ServerState, image_uuid: str, path: str) -> None:
+    with _view(state, image_uuid) as view:
+        _archive_checked(view, path)
 
 
 async def archive_image(request: Request) -> Response:
+    """A PAX tar of a file or directory of an image, gzip on the wire when accepted."""
+    from contree_shell.sandbox.archive import archive_filename
+
     state = _state(request)
     path = _path_param(request)
     gz = _accepts_gzip(request)
@@ -422,24 +436,12 @@ async def archive_image(request: Request) -> Response:
     if gz:
         headers["Content-Encoding"] = "gzip"
     if request.method == "HEAD":
-        await run_in_threadpool(_check_archive_path, state, request.path_params["uuid"], path)
+        await run_in_threadpool(_check_archive, state, request.path_params["uuid"], path)
         return Response(status_code=200, headers=headers, media_type="application/x-tar")
     chunks = await run_in_threadpool(_open_archive, state, request.path_params["uuid"], path, gz)
     return StreamingResponse(
         iterate_in_thread(chunks), media_type="application/x-tar", headers=headers
     )
-
-
-def _check_archive_path(state: ServerState, image_uuid: str, path: str) -> None:
-    from contree_shell.sandbox.inspect import PathNotFound
-
-    with _view(state, image_uuid) as view:
-        try:
-            st = view.stat(path, follow=True)
-        except (PathNotFound, NotADirectoryError):
-            raise ApiError(404, f"no such file or directory: {path}") from None
-        if not (st.is_dir or st.is_regular):
-            raise ApiError(422, f"not a file or directory: {path}")
 
 
 async def iterate_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -497,7 +499,7 @@ def _grep(state: ServerState, image_uuid: str, params: dict[str, Any]) -> dict[s
         except PathNotFound as exc:
             raise ApiError(404, f"no such file or directory: {exc}") from None
         except ValueError as exc:
-            raise ApiError(400, f"invalid pattern: {exc}") from None
+            raise ApiError(400, str(exc)) from None
     return result
 
 
