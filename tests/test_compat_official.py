@@ -407,3 +407,24 @@ def test_sdk_async_and_client_subprocesses(compat: Compat) -> None:
 
 def test_mcp_tools_run_rsync_upload_download_list_read_tag_wait(compat: Compat) -> None:
     assert "MCP OK" in compat.script(MCP_TOOLS)
+
+
+# --------------------------------------------------------------------------- import
+
+
+def test_cli_images_import_from_a_local_registry(compat: Compat,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.test_import_archives import runnable_image
+    from tests.test_sandbox_oci import OCI_MANIFEST, run_registry
+
+    with run_registry(tmp_path_factory.mktemp("registry")) as registry:
+        image = runnable_image()
+        registry.push("compat/app", "v1", image.manifest, OCI_MANIFEST, image.blobs)
+        ref = f"docker://{registry.url}/compat/app:v1"
+        proc = compat.cli("images", "import", ref, ok=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        tags = [r["tag"] for r in compat.json_lines("images")]
+        imported = [t for t in tags if t and "compat/app" in t]
+        assert imported, tags
+        out = compat.cli("run", "-D", "--use", f"tag:{imported[0]}", "--", "cat", "/etc/greeting")
+        assert out.stdout == "hello v2\n"
