@@ -133,3 +133,13 @@ def test_interpreter_mode_runs_a_host_script_body(
     result = contree(server, session_env, "run", "-I", str(script), "a", "b c")
     assert result.returncode == 0, err(result)
     assert out(result) == "args: a b c\n"
+
+
+def test_a_second_edit_starts_from_the_staged_content(
+    server: LocalServer, session_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(session_env, EDITOR=_editor(tmp_path, 'echo more >> "$1"\n'))
+    for _ in range(2):
+        result = contree(server, env, "file", "edit", "/etc/motd-test")
+        assert result.returncode == 0, err(result)
+    assert _sh(server, session_env, "cat /etc/motd-test") == "more\nmore\n"

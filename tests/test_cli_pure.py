@@ -159,3 +159,37 @@ def test_refs_resolve_history_entries_to_operations(tmp_path: Path) -> None:
     assert "@99" in msg and "bogus" in msg
     with pytest.raises(CliError, match="non-zero"):
         resolve_operation_refs(ctx, ["@0"])
+
+
+# -- shell -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "image"), [
+    (["shell"], None), (["shell", "busybox:latest"], "busybox:latest"),
+    (["shell", "--image", "tag:x"], "tag:x"), (["sh", "--image=tag:y"], "tag:y"),
+])
+def test_shell_passes_the_image_to_the_repl(
+    argv: list[str], image: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contree_shell.shell.repl as repl
+    from contree_shell.cli.main import main
+
+    monkeypatch.setenv("CONTREE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONTREE_SESSION", "shell-test")
+    monkeypatch.delenv("CONTREE_PROFILE", raising=False)
+    seen: list[object] = []
+
+    def fake_repl(ctx: object, *, image: str | None = None) -> int:
+        seen.append(image)
+        return 0
+
+    monkeypatch.setattr(repl, "main", fake_repl)
+    assert main(argv) == 0
+    assert seen == [image]
+
+
+def test_shell_refuses_two_different_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contree_shell.cli.main import main
+
+    monkeypatch.setenv("CONTREE_HOME", str(tmp_path))
+    assert main(["shell", "a", "--image", "b"]) == 2

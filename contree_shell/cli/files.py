@@ -82,6 +82,32 @@ def choose_editor(explicit: str | None, env: dict[str, str] | None = None) -> st
     raise CliError("No editor found; set $EDITOR or pass -E EDITOR")
 
 
+def _staged_dir() -> Path:
+    from contree_shell.config import config_dir
+
+    return config_dir() / "cli" / "staged"
+
+
+def _staged_copy(file_uuid: str) -> bytes | None:
+    """The content of a file this machine staged with `file edit` (the API cannot
+    download uploaded files), so a second edit starts from the first one."""
+    try:
+        return (_staged_dir() / file_uuid).read_bytes()
+    except OSError:
+        return None
+
+
+def _keep_staged_copy(file_uuid: str, data: bytes) -> None:
+    try:
+        folder = _staged_dir()
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = folder / f".{file_uuid}.{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / file_uuid)
+    except OSError:
+        pass  # only a convenience for the next edit
+
+
 def _existing_meta(ctx: Context, image: str, path: str) -> tuple[int, int, int] | None:
     """(mode, uid, gid) of `path` in the image, or None when it does not exist there."""
     parent, _, name = path.rpartition("/")
@@ -106,8 +132,9 @@ def cmd_edit(ctx: Context, args: argparse.Namespace) -> int:
         raise CliError("file edit: /: Not a regular file")
     editor = choose_editor(args.editor)
     pending = {p.path: p for p in ctx.store.pending_files(ctx.session_key)}
+    staged = _staged_copy(pending[path].file_uuid) if path in pending else None
     try:
-        original = ctx.client.download(image, path)
+        original = staged if staged is not None else ctx.client.download(image, path)
     except NotFound:
         original = b""
     except Unprocessable:
@@ -129,6 +156,7 @@ def cmd_edit(ctx: Context, args: argparse.Namespace) -> int:
         info("No changes detected, skipping upload")
         return 0
     file_uuid = ctx.client.ensure_file(edited)
+    _keep_staged_copy(file_uuid, edited)
     ctx.store.add_file(ctx.session_key, path, file_uuid, uid, gid, mode)
     info(f"Pending: {path} -> {file_uuid} (will be included in next run)")
     return 0
