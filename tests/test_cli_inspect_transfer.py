@@ -100,3 +100,23 @@ def test_export_writes_a_tar_and_refuses_missing_paths(
     assert missing.returncode == 1
     assert "export: /nope: not found in image" in err(missing)
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_export_refuses_a_terminal_stdout(server: LocalServer, session_env: dict[str, str]) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    primary, secondary = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "contree_shell", "export", "/etc"], env=session_env,
+            stdin=subprocess.DEVNULL, stdout=secondary, stderr=subprocess.PIPE,
+            cwd=str(server.config), timeout=60,
+        )
+    finally:
+        os.close(secondary)
+        os.close(primary)
+    assert result.returncode == 1
+    assert b"refusing to write a binary archive to a terminal" in result.stderr

@@ -228,6 +228,11 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
     if args.quiet:
         write_stdout("".join(f"{f.get('uuid')}\n" for f in files).encode())
         return 0
+    if not files and not ctx.structured:
+        from contree_shell.output import info
+
+        info("No uploaded files.")
+        return 0
     cache = open_cache(ctx.profile.name)
     sources = cache.sources() if cache is not None else {}
     if cache is not None:

@@ -241,8 +241,9 @@ def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
                   head=SHOW_HEAD, tail=SHOW_TAIL)
         return 0
     for record in records:
-        emit_rows([_show_row(record, decoded=False)], ctx.output_format,
-                  head=SHOW_HEAD, tail=SHOW_TAIL)
+        row = _show_row(record, decoded=False)
+        brief = {k: row[k] for k in (*SHOW_HEAD, *SHOW_TAIL)}
+        emit_rows([brief], ctx.output_format, head=SHOW_HEAD, tail=SHOW_TAIL)
         out, err = result_streams(record)
         if out:
             write_stdout(out if out.endswith(b"\n") else out + b"\n")
