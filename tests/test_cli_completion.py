@@ -124,3 +124,7 @@ def test_fish_script(path_env: dict[str, str]) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert [line.split("\t")[0] for line in _lines(result.stdout)] == ["rollback"]
+
+
+def test_status_values_are_offered() -> None:
+    assert candidates("contree ps --status SU") == ["SUCCESS"]

@@ -12,4 +12,10 @@ Public API (used by the console script and by the interactive shell):
 - `cli.run.run_line(ctx, command, …) -> int` — one bare shell line in the sandbox.
 - `cli.paths.resolve_path(cwd, path)` — sandbox paths against the session cwd.
 - `cli.navigate.change_directory(ctx, path) -> str` — validated `cd`.
+
+Command modules: `run` (run, -F uploads via `filespec` + `uploads`), `inspect` (ls, cat,
+grep, cp, export), `files` (file edit/cp/ls), `operations` (ps, show, kill, operation
+…; `refs` resolves history references, `intervals` parses --since/--until), `session`,
+`navigate` (cd, env), `images` (H-import's), `auth`, `completion` (bash/zsh/fish
+scripts and the hidden `contree __complete` that reuses the shell's completion engine).
 """

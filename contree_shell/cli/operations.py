@@ -95,6 +95,7 @@ def _list_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print UUIDs only")
     p.add_argument("-a", "--all", action="store_true", help="every status (default: EXECUTING)")
     p.add_argument("--status", type=parse_status, metavar="STATUS",
+                   choices=tuple(STATUS_LETTERS.values()),  # offered by Tab completion
                    help="P/A/E/S/F/C or the full name")
     p.add_argument("-k", "--kind", choices=("image_import", "instance"))
     p.add_argument("--since", metavar="WHEN", help="600s, 15m, 2h, 3d, 1w, unix seconds or ISO date")
