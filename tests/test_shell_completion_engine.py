@@ -209,3 +209,34 @@ def test_real_parser_specific_sources() -> None:
     assert real("contree session checkout ")[0] == Source("branch", ("session", "checkout"),
                                                           "branch")
     assert real("contree -S ")[0] == Source("session", (), "session")
+
+
+def _complete_builtin_names(text: str, fuzzy: bool = True) -> list[str]:
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from contree_shell.shell import builtins
+    from contree_shell.shell.completion.completer import ContreeCompleter
+    from contree_shell.shell.completion.sources import Sources
+
+    completer = ContreeCompleter(Sources(None), parser=lambda: None,
+                                 builtins=builtins.help_map, cwd=lambda: "/",
+                                 image=lambda: None, fuzzy=fuzzy)
+    return [c.text for c in completer.get_completions(Document(text), CompleteEvent())]
+
+
+def test_prefix_matches_win_and_fuzzy_only_fills_an_empty_answer() -> None:
+    assert _complete_builtin_names("hi") == ["history"]
+    assert _complete_builtin_names("hstry") == ["history"]
+    assert _complete_builtin_names("hstry", fuzzy=False) == []
+
+
+def test_output_format_builtin_completes_format_names() -> None:
+    assert "json-pretty" in _complete_builtin_names("-o json")
+    assert _complete_builtin_names("--format cs") == ["csv"]
+
+
+def test_editor_aliases_complete_sandbox_paths() -> None:
+    from contree_shell.shell.completion.engine import SandboxPath
+
+    assert analyze("vim /et", None, BUILTINS | {"vim"}).suggestions == (SandboxPath(),)

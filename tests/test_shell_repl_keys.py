@@ -6,6 +6,8 @@ needs the server, because no line typed here reaches the sandbox.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +161,84 @@ def test_a_line_with_a_credential_is_not_persisted(shell: ShellContext, pipe: Pi
     pipe.send_text("pwd" + ENTER)
     repl.read()
     assert shell.history.lines() == ["pwd"]
+
+
+F4 = "\x1bOS"
+
+
+def test_f4_toggles_between_emacs_and_vi_editing(shell: ShellContext, pipe: PipeInput) -> None:
+    from prompt_toolkit.enums import EditingMode
+
+    repl = Repl(shell)
+    modes: list[EditingMode] = []
+    pipe.send_text(F4 + "pwd" + ENTER)
+    repl.read()
+    modes.append(repl.session.app.editing_mode)
+    pipe.send_text(F4 + "pwd" + ENTER)
+    repl.read()
+    modes.append(repl.session.app.editing_mode)
+    assert modes == [EditingMode.VI, EditingMode.EMACS]
+
+
+def test_remapped_toggle_key_from_settings(shell: ShellContext, pipe: PipeInput) -> None:
+    from prompt_toolkit.enums import EditingMode
+
+    from contree_shell.shell.settings import ShellSettings
+
+    settings = ShellSettings(keys={"toggle_editing_mode": ("c-t",)})
+    repl = Repl(shell, settings=settings)
+    pipe.send_text("\x14" + "pwd" + ENTER)
+    repl.read()
+    assert repl.session.app.editing_mode == EditingMode.VI
+
+
+def test_ctrl_x_ctrl_e_opens_the_line_in_the_editor(
+    shell: ShellContext, pipe: PipeInput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    editor = tmp_path / "editor.sh"
+    editor.write_text("#!/bin/sh\nprintf 'echo from-editor' > \"$1\"\n")
+    editor.chmod(0o755)
+    monkeypatch.setenv("VISUAL", str(editor))
+    repl = Repl(shell)
+    pipe.send_text("echo typed" + "\x18\x05")
+    # The edited line comes back for review; Enter runs it.
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(repl.read()))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while repl.session.default_buffer.text != "echo from-editor":
+        assert time.monotonic() < deadline, repl.session.default_buffer.text
+        time.sleep(0.01)  # the editor is another process: nothing to await here
+    pipe.send_text(ENTER)
+    reader.join(10)
+    assert result == ["echo from-editor"]
+
+
+def test_a_paste_ending_in_a_newline_runs_without_enter(
+    shell: ShellContext, pipe: PipeInput
+) -> None:
+    repl = Repl(shell)
+    pipe.send_text("\x1b[200~pwd\ncd /tmp\n\x1b[201~")
+    assert repl.read() == "pwd\ncd /tmp"
+
+
+def test_a_pasted_block_stops_at_the_first_failure(
+    shell: ShellContext, pipe: PipeInput, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repl = Repl(shell)
+    pipe.send_text("\x1b[200~pwd\ncd /nonexistent-dir\npwd\n\x1b[201~" + "exit" + ENTER)
+    repl.run()
+    captured = capsys.readouterr()
+    assert captured.out == "/\n"
+    assert captured.err.count("stopped at line 2: exit status 1") == 1
+
+
+def test_output_format_builtin(shell: ShellContext, pipe: PipeInput,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    repl = Repl(shell)
+    pipe.send_text("-o csv" + ENTER + "--format" + ENTER + "-o bad" + ENTER + "exit" + ENTER)
+    repl.run()
+    captured = capsys.readouterr()
+    assert captured.out == "csv\n"
+    assert "Unknown format 'bad'. Available: default, table" in captured.err
+    assert shell.ctx.output_format == "csv"

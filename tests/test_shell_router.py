@@ -206,3 +206,17 @@ def test_contree_line_with_a_pipe_is_refused_with_a_hint() -> None:
     assert classify("contree run -- sh -c 'a | b'") == ContreeCommand(
         ["run", "--", "sh", "-c", "a | b"]
     )
+
+
+def test_dollar_question_mark_sees_the_previous_status() -> None:
+    from contree_shell.shell.dispatch import with_last_status
+
+    assert with_last_status("echo $?", 7) == "(exit 7); echo $?"
+    assert with_last_status("echo ${?}", 300) == "(exit 44); echo ${?}"
+    assert with_last_status("echo hi", 7) == "echo hi"
+
+
+def test_editor_and_format_lines_are_builtins() -> None:
+    assert classify("vim notes.txt") == Builtin("vim", ["notes.txt"], "notes.txt")
+    assert classify("-o json") == Builtin("-o", ["json"], "json")
+    assert classify("--format") == Builtin("--format", [], "")

@@ -43,3 +43,49 @@ def test_environment_wins_and_bad_values_fall_back(config: Path,
     settings = load_settings()
     assert settings.image == "tag:debian:trixie"
     assert settings.toolbar == "always"
+
+
+def test_first_run_writes_the_commented_template_and_it_changes_nothing(config: Path) -> None:
+    from contree_shell.shell.settings import config_path, ensure_config_file, template_text
+
+    path = ensure_config_file()
+    assert path == config_path() and path.read_text() == template_text()
+    assert "[keys]" in path.read_text()
+    assert load_settings() == ShellSettings()
+    path.write_text("[shell]\n")
+    ensure_config_file()  # an existing file is never overwritten
+    assert path.read_text() == "[shell]\n"
+
+
+def test_shell_toml_sets_mode_pager_colours_and_keys(config: Path) -> None:
+    from contree_shell.shell.settings import config_path
+
+    config_path().write_text(
+        '[shell]\nediting_mode = "vi"\npager = false\nfuzzy = false\nimage = "tag:x"\n'
+        '[colors]\n"prompt.branch" = "ansigreen"\n'
+        '[keys]\ntoggle_editing_mode = ["f5", "c-x v"]\n'
+    )
+    settings = load_settings()
+    assert (settings.vi, settings.pager, settings.fuzzy, settings.image) == (
+        True, False, False, "tag:x")
+    assert settings.colors == {"prompt.branch": "ansigreen"}
+    assert settings.keys_for("toggle_editing_mode") == ("f5", "c-x v")
+    assert settings.keys_for("edit_in_editor") == ("c-x c-e",)
+    assert settings.problems == ()
+
+
+def test_a_broken_shell_toml_falls_back_and_says_why(config: Path) -> None:
+    from contree_shell.shell.settings import config_path
+
+    config_path().write_text('[shell]\npager = "maybe"\n[keys]\nfly = "f9"\n')
+    settings = load_settings()
+    assert settings.pager is True
+    assert any("pager" in p for p in settings.problems)
+    assert any("unknown action 'fly'" in p for p in settings.problems)
+    config_path().write_text("[shell\n")
+    assert load_settings().problems and load_settings().image == DEFAULT_IMAGE
+
+
+def test_contree_pager_off_turns_paging_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTREE_PAGER", "off")
+    assert load_settings().pager is False

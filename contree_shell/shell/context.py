@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["LastRun", "ShellContext"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +40,32 @@ class ShellContext:
     # Called after a command that may have changed what completion offers (new image,
     # branch switch, new session); the REPL points it at the completion cache.
     on_state_change: Callable[[], None] | None = None
+
+    _connecting: threading.Thread | None = field(default=None, repr=False)
+
+    def connect_in_background(self) -> None:
+        """Create the API client (importing httpx, starting the local server if needed)
+        on a thread, so the first prompt does not wait for it; `client()` joins it."""
+
+        def connect() -> None:
+            try:
+                self.ctx.client  # noqa: B018 - the property creates and caches it
+            except Exception:
+                log.debug("client not available yet", exc_info=True)  # a command says why
+
+        self._connecting = threading.Thread(target=connect, name="connect", daemon=True)
+        self._connecting.start()
+
+    def client(self) -> Any:
+        """The API client, once the background connection (if any) has finished."""
+        self.wait_connected()
+        return self.ctx.client
+
+    def wait_connected(self) -> None:
+        """Wait for `connect_in_background` (a no-op when it was not used)."""
+        thread = self._connecting
+        if thread is not None:
+            thread.join()
 
     def remote_stdin(self) -> Any:
         """The stdin source for one remote command, or None for none."""

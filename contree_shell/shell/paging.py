@@ -32,13 +32,19 @@ def canonical_command(argv: list[str], parser: argparse.ArgumentParser | None
                       ) -> tuple[str, ...]:
     """The canonical subcommand path of `contree ARGV…` (flags and values skipped)."""
     from contree_shell.shell.commands import subcommands
+    from contree_shell.shell.router import GLOBAL_VALUE_FLAGS
 
     path: list[str] = []
     current = parser
+    skip = False
     for word in argv:
         if current is None:
             break
+        if skip:
+            skip = False
+            continue
         if word.startswith("-"):
+            skip = word in GLOBAL_VALUE_FLAGS
             continue
         sub = subcommands(current).get(word)
         if sub is None:

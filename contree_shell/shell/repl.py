@@ -162,8 +162,9 @@ class Repl:
         self.settings = settings or load_settings()
         sh.pager = self.settings.pager
         self.snapshot: Snapshot = take_snapshot(sh, ran=False)
-        self.labels = ImageLabels(lambda: sh.ctx.client)
-        self.sources = Sources(sh.ctx, _open_cache(sh), on_refreshed=self._redraw)
+        self.labels = ImageLabels(sh.client)
+        self.sources = Sources(sh.ctx, _open_cache(sh), on_refreshed=self._redraw,
+                               client=sh.client)
         history: History = InMemoryHistory()
         if sh.history is not None:
             history = ThreadedHistory(_prompt_history(sh.history))
@@ -227,6 +228,7 @@ class Repl:
         except EOFError:
             return False
         before = self.snapshot
+        self.sh.wait_connected()
         try:
             if not run_text(self.sh, text):
                 return False
@@ -345,8 +347,5 @@ def main(ctx: Any, *, image: str | None = None, stdin: IO[str] | None = None) ->
     settings = load_settings()
     for problem in settings.problems:
         output.warn(problem)
-    try:
-        sh.ctx.client  # noqa: B018 - create it (and start the local server) on this thread
-    except Exception:
-        log.debug("client not available yet", exc_info=True)  # the first command says why
+    sh.connect_in_background()
     return Repl(sh, settings=settings).run()

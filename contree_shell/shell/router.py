@@ -91,6 +91,8 @@ _GLOBAL_VALUE_FLAGS = frozenset(
      "--project"}
 )
 
+GLOBAL_VALUE_FLAGS = _GLOBAL_VALUE_FLAGS
+
 # Characters that make sh treat a line as more than one simple command.
 _OPERATORS = frozenset("|&;<>()`")
 

@@ -57,8 +57,10 @@ class Sources:
     """Completion data for one shell. `ctx` is the CLI Context (store, client, profile)."""
 
     def __init__(self, ctx: Any, cache: Any = None, *,
-                 on_refreshed: Callable[[], None] | None = None) -> None:
+                 on_refreshed: Callable[[], None] | None = None,
+                 client: Callable[[], Any] | None = None) -> None:
         self.ctx = ctx
+        self._client = client or (lambda: ctx.client)
         self.cache = cache
         self.on_refreshed = on_refreshed
         self._refresh = ThreadPoolExecutor(max_workers=1, thread_name_prefix="completion")
@@ -185,7 +187,7 @@ class Sources:
         directory = path if path.endswith("/") else path + "/"
 
         def fetch() -> list[list[Any]]:
-            body = self.ctx.client.list_dir(image, directory)
+            body = self._client().list_dir(image, directory)
             return [[e.name, e.is_dir, e.is_link] for e in _entries_from_listing(body)]
 
         try:
@@ -200,7 +202,7 @@ class Sources:
         """(`tag:NAME` or uuid, meta) for the first page of images."""
 
         def fetch() -> list[list[str]]:
-            rows = self.ctx.client.list_images(limit=100)
+            rows = self._client().list_images(limit=100)
             out: list[list[str]] = []
             for row in rows:
                 uuid = str(row.get("uuid") or "")
@@ -222,7 +224,7 @@ class Sources:
         """(uuid, "STATUS kind") of the newest operations."""
 
         def fetch() -> list[list[str]]:
-            rows = self.ctx.client.list_operations(limit=100)
+            rows = self._client().list_operations(limit=100)
             return [[str(r.get("uuid") or ""), f"{r.get('status') or ''} {r.get('kind') or ''}"
                      .strip()] for r in rows if r.get("uuid")]
 
