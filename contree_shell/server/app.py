@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -216,7 +217,7 @@ async def inspect_by_tag(request: Request) -> Response:
 
 
 async def inspect_image_redirect(request: Request) -> Response:
-    image_uuid = request.path_params["uuid"]
+    image_uuid = quote(request.path_params["uuid"], safe="")  # any text fits the header
     return Response(status_code=307, headers={"Location": f"/v1/inspect/{image_uuid}/"})
 
 
@@ -786,6 +787,16 @@ async def whoami(request: Request) -> Response:
     )
 
 
+async def openapi_spec(request: Request) -> Response:
+    """The API contract this server implements (the official Contree API v1 spec)."""
+    spec = await run_in_threadpool(_spec_text)
+    return Response(spec, media_type="application/yaml")
+
+
+def _spec_text() -> bytes:
+    return (Path(__file__).with_name("openapi.yaml")).read_bytes()
+
+
 class TokenAuth:
     """Require `Authorization: Bearer <token>` on TCP connections (unix socket: none)."""
 
@@ -815,6 +826,7 @@ class TokenAuth:
 
 ROUTES = [
     Route("/v1/whoami", whoami, methods=["GET"]),
+    Route("/v1/openapi.yaml", openapi_spec, methods=["GET"]),
     Route("/v1/images", list_images, methods=["GET"]),
     Route("/v1/images/import", import_image, methods=["POST"]),
     Route("/v1/images/{uuid}/tag", tag_image, methods=["PATCH"]),

@@ -22,6 +22,9 @@ def flag(params: QueryParams, name: str) -> bool:
     return params[name].strip().lower() not in ("0", "false", "no", "off")
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def int_param(
     params: QueryParams,
     name: str,
@@ -38,7 +41,9 @@ def int_param(
         value = int(raw)
     except ValueError:
         raise ApiError(400, f"'{name}' must be an integer, got {raw!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
+    if maximum is None:
+        maximum = _INT64_MAX  # beyond it SQLite cannot even compare
+    if value < minimum or value > maximum:
         bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
         raise ApiError(400, f"'{name}' must be in {bound}, got {value}")
     return value
@@ -61,7 +66,10 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     m = _INTERVAL_RE.match(text)
     if m:
-        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:
+            raise ValueError(value) from None
     try:
         return datetime.fromtimestamp(float(text), UTC)
     except (ValueError, OverflowError):
@@ -73,9 +81,12 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
         dt = datetime.fromisoformat(fixed)
     except ValueError:
         raise ValueError(value) from None
-    if dt.tzinfo is None:
-        dt = dt.astimezone()  # naive: the server's local time
-    return dt.astimezone(UTC)
+    try:
+        if dt.tzinfo is None:
+            dt = dt.astimezone()  # naive: the server's local time
+        return dt.astimezone(UTC)
+    except (OverflowError, OSError, ValueError):  # e.g. year 1 or 9999 near the edge
+        raise ValueError(value) from None
 
 
 def time_param(params: QueryParams, name: str) -> datetime | None:
