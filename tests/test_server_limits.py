@@ -1,0 +1,94 @@
+"""Server-wide run limits: settings → RunSpec.limits → cgroups, with a warning for a
+controller the host lacks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from contree_shell.sandbox import cgroups
+from contree_shell.server import daemon
+from tests.test_server_support import (
+    ApiServer,
+    import_busybox,
+    start_api_server,
+    wait_done,
+)
+
+
+def test_parse_bytes_accepts_suffixes() -> None:
+    assert daemon.parse_bytes("512M") == 512 << 20
+    assert daemon.parse_bytes("2g") == 2 << 30
+    assert daemon.parse_bytes("1GiB") == 1 << 30
+    assert daemon.parse_bytes("4096") == 4096
+    for bad in ("", "0", "-1M", "lots"):
+        with pytest.raises(ValueError):
+            daemon.parse_bytes(bad)
+
+
+def test_no_settings_means_no_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONTREE_LIMIT_MEMORY", "CONTREE_LIMIT_PIDS", "CONTREE_LIMIT_CPUS"):
+        monkeypatch.delenv(name, raising=False)
+    assert daemon.server_limits() is None
+
+
+def test_settings_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTREE_LIMIT_PIDS", "99")
+    monkeypatch.setattr(cgroups, "detect", lambda: cgroups.Layout(
+        v2=Path("/sys/fs/cgroup"), v2_controllers=frozenset({"memory", "pids", "cpu"})))
+    limits = daemon.server_limits(memory="1G", pids="50", cpus="0.5")
+    assert limits == cgroups.Limits(memory_bytes=1 << 30, pids=50, cpus=0.5)
+    assert daemon.server_limits().pids == 99
+
+
+def test_a_missing_controller_is_dropped_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(cgroups, "detect", lambda: cgroups.Layout(
+        v2=Path("/sys/fs/cgroup"), v2_controllers=frozenset({"pids"})))
+    with caplog.at_level(logging.WARNING, logger="contree"):
+        limits = daemon.server_limits(memory="1G", pids="50", cpus="1")
+    assert limits == cgroups.Limits(pids=50)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "memory, cpu" in warnings[0].getMessage()
+
+
+def test_bad_settings_fail_the_start() -> None:
+    with pytest.raises(daemon.ServerStartError):
+        daemon.server_limits(pids="many")
+    with pytest.raises(daemon.ServerStartError):
+        daemon.server_limits(cpus="-1")
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox engine needs root")
+    if "pids" not in set(cgroups.detect().v1) | set(cgroups.detect().v2_controllers):
+        pytest.skip("no pids cgroup controller on this host")
+    srv = start_api_server(tmp_path_factory.mktemp("limits"), "--pids", "24")
+    try:
+        with srv.http() as http:
+            srv.busybox = import_busybox(http)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_server_pids_limit_applies_to_every_run(limited: ApiServer) -> None:
+    storm = "i=0; while [ $i -lt 60 ]; do sleep 5 & i=$((i+1)); done; echo all started"
+    with limited.http() as http:
+        resp = http.post("/v1/instances", json={
+            "image": limited.busybox, "command": storm, "shell": True, "disposable": True,
+            "networking": {"enabled": False}})
+        assert resp.status_code == 201, resp.text
+        body = wait_done(http, resp.json()["uuid"])
+    assert body["status"] == "SUCCESS", body
+    result = body["metadata"]["result"]
+    # The shell gives up at the first refused fork, long before 60 sleepers.
+    assert "all started" not in result["stdout"]["value"]
+    assert "can't fork" in result["stderr"]["value"]
