@@ -4,6 +4,7 @@ event and the EXECUTING status, against a real server."""
 # ruff: noqa: F811  (pytest fixtures imported from test_server_support)
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -162,6 +163,17 @@ def test_max_layer_bytes_fails_the_run_with_size_cap_and_keeps_nothing(
     op = spawn(http, image, "echo small > /small",
                resources_limits={"max_layer_bytes": 64 * 1024}, networking={"enabled": False})
     assert wait_done(http, op)["status"] == "SUCCESS"
+
+
+def test_size_cap_stops_a_run_while_it_is_still_running(http: httpx.Client) -> None:
+    started = time.monotonic()
+    op = spawn(http, _image(http), "dd if=/dev/zero of=/big bs=1024 count=512; sleep 60",
+               resources_limits={"max_layer_bytes": 64 * 1024}, networking={"enabled": False})
+    body = wait_done(http, op)
+    assert body["status"] == "FAILED" and "max_layer_bytes" in body["error"]
+    assert time.monotonic() - started < 30  # killed long before `sleep 60` ended
+    kinds = [e["type"] for e in sse_events(http, op, follow=False)]
+    assert kinds[-3:] == ["size_cap", "shutdown", "completion"]
 
 
 def test_layer_size_counts_files_and_stops_early(tmp_path: Any) -> None:

@@ -794,7 +794,10 @@ async def openapi_spec(request: Request) -> Response:
 
 
 def _spec_text() -> bytes:
-    return (Path(__file__).with_name("openapi.yaml")).read_bytes()
+    try:
+        return (Path(__file__).with_name("openapi.yaml")).read_bytes()
+    except FileNotFoundError:
+        raise ApiError(404, "this installation does not ship the API spec") from None
 
 
 class TokenAuth:
