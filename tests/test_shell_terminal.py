@@ -6,10 +6,12 @@ where the outcome lives on the server (a cancelled operation), the raw API is as
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,11 +21,14 @@ from tests.terminal import Terminal
 PROMPT = re.compile(r"\(main\) / \$ ?$", re.M)
 
 
-def open_shell(server: LocalServer, env: dict[str, str]) -> Terminal:
+def open_shell(server: LocalServer, env: dict[str, str], *, path: str | None = None
+               ) -> Terminal:
     env = dict(env)
     env["TERM"] = "xterm-256color"
     env.setdefault("CONTREE_PAGER", "off")
-    return Terminal([sys.executable, "-m", "contree_shell", "shell"], env,
+    # tmux puts its own PATH in front of a session's; `env` sets it for the shell itself.
+    prefix = ["env", f"PATH={path}"] if path else []
+    return Terminal([*prefix, sys.executable, "-m", "contree_shell", "shell"], env,
                     cwd=str(server.config))
 
 
@@ -125,3 +130,21 @@ def test_output_format_builtin_is_session_wide(shell: Terminal) -> None:
     out = shell.command("contree session show", re.compile(r"^\{.*\}$", re.M))
     assert '"image": "' in out
     shell.command(" -o nope", "Unknown format 'nope'")
+
+
+def test_vim_edits_locally_and_the_file_is_in_the_next_run(
+    server: LocalServer, session_env: dict[str, str], tmp_path: Path
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_vim = bin_dir / "vim"
+    fake_vim.write_text("#!/bin/sh\necho edited-locally >> \"$1\"\n")
+    fake_vim.chmod(0o755)
+    term = open_shell(server, session_env,
+                      path=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    try:
+        term.wait_for(PROMPT)
+        term.command("vim /tmp/notes.txt", "Pending: /tmp/notes.txt")
+        term.command("cat /tmp/notes.txt", re.compile(r"^edited-locally$", re.M))
+    finally:
+        term.close()

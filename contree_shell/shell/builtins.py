@@ -118,6 +118,8 @@ def _pwd(sh: ShellContext, call: Builtin) -> int:
 def _ls(sh: ShellContext, call: Builtin) -> int:
     from contree_shell.cli.main import execute
 
+    if _has_pending_files(sh):
+        return _in_sandbox(sh, call)
     path = resolve_path(sh.cwd(), call.args[0] if call.args else None)
     return int(execute(sh.ctx, ["ls", path]))
 
@@ -127,7 +129,25 @@ def _ls(sh: ShellContext, call: Builtin) -> int:
 def _cat(sh: ShellContext, call: Builtin) -> int:
     from contree_shell.cli.main import execute
 
+    if _has_pending_files(sh):
+        return _in_sandbox(sh, call)
     return int(execute(sh.ctx, ["cat", resolve_path(sh.cwd(), call.args[0])]))
+
+
+def _has_pending_files(sh: ShellContext) -> bool:
+    """Files staged for the next run (`vim`, `contree file edit/cp`) exist only there, so
+    `ls`/`cat` must look in a real sandbox to show them."""
+    try:
+        return bool(sh.ctx.store.pending_files(sh.key))
+    except Exception:
+        return False
+
+
+def _in_sandbox(sh: ShellContext, call: Builtin) -> int:
+    from contree_shell.cli.run import run_line
+
+    line = f"{call.name} {call.raw}".strip()
+    return int(run_line(sh.ctx, line, shell=True, stdin=sh.remote_stdin()))
 
 
 # -- running -----------------------------------------------------------------------------
