@@ -270,25 +270,37 @@ class NsProcess:
         st_r, st_w = _cloexec_pipe()
         argv_b = list(argv)
         cwd_b = os.fsencode(cwd or "/")
-        parent = os.getpid()
-        try:
-            pid = os.fork()
-            if pid == 0:
-                _child(pid_fd, user_fd, late, procs, cwd_b, argv_b, env, harden,
-                       (in_r, out_w, err_w, st_w), parent)  # fmt: skip
-        finally:
-            for fd in (*opened, in_r, out_w, err_w, st_w):
-                os.close(fd)
-        self._helper = pid
         if stdin_open:
             self._stdin_w = in_w
         else:
             os.close(in_w)
         for fd in (out_r, err_r, st_r):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        threading.Thread(
-            target=self._loop, args=(out_r, err_r, st_r), name=f"nsexec-{pid}", daemon=True
-        ).start()
+
+        def io_main() -> None:
+            # Fork from this thread, which lives as long as the process: PDEATHSIG
+            # follows the forking *thread*, and a pool thread may retire while the
+            # process still runs.
+            parent = os.getpid()
+            try:
+                try:
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(pid_fd, user_fd, late, procs, cwd_b, argv_b, env, harden,
+                               (in_r, out_w, err_w, st_w), parent)  # fmt: skip
+                finally:
+                    for fd in (*opened, in_r, out_w, err_w, st_w):
+                        os.close(fd)
+            except OSError as e:
+                self._error = f"cannot fork: {e.strerror}"
+                for fd in (out_r, err_r, st_r):
+                    os.close(fd)
+                self._finish()
+                return
+            self._helper = pid
+            self._loop(out_r, err_r, st_r)
+
+        threading.Thread(target=io_main, name="nsexec-io", daemon=True).start()
         if not self._spawned.wait(timeout=10):
             self.kill()
             raise ExecError("the process did not start in time")
@@ -408,8 +420,9 @@ class NsProcess:
     _argv0 = ""
 
     def _finish(self) -> None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self._helper, 0)
+        if self._helper:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._helper, 0)
         self.close_stdin()
         self._spawned.set()
         self._ready.set()
