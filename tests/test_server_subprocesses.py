@@ -26,8 +26,8 @@ def _running(http: httpx.Client, command: str, **fields: Any) -> str:
     op = spawn(http, _image(http), command, networking={"enabled": False}, **fields)
     for ev in sse_events(http, op):
         if ev["type"] == "spawn":
-            break
-    return op
+            return op
+    raise AssertionError(f"the main command never spawned: {http.get(f'/v1/operations/{op}').text}")
 
 
 def _image(http: httpx.Client) -> str:
