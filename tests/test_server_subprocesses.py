@@ -214,6 +214,8 @@ def test_network_event_only_when_networking_is_on(http: httpx.Client) -> None:
     assert net[0]["spid"] == 0
     names = [i["name"] for i in net[0]["data"]["interfaces"]]
     assert "lo" in names
+    configured = net[0]["data"]["configured"]
+    assert configured.get("ip4") and configured.get("ip4_gw") and configured.get("nameserver")
     types = [e["type"] for e in events]
     assert types.index("init") < types.index("network") < types.index("spawn")
 

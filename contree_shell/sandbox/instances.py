@@ -17,6 +17,7 @@ import posixpath
 import re
 import shutil
 import signal as signal_mod
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -1372,10 +1373,65 @@ def network_event(sandbox: Any) -> dict[str, Any]:
             )
     except (OSError, ValueError) as exc:
         error = f"cannot read the sandbox's interfaces: {exc}"
-    out: dict[str, Any] = {"interfaces": interfaces, "configured": {}}
+    configured = _configured(pid1)
+    nameserver = _nameserver(sandbox)
+    if nameserver:
+        configured["nameserver"] = nameserver
+    out: dict[str, Any] = {"interfaces": interfaces, "configured": configured}
     if error:
         out["error"] = error
     return out
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def _configured(pid1: int) -> dict[str, str]:
+    """Addresses, gateways and DNS the sandbox was given, read through pid 1's /proc."""
+    net = f"/proc/{pid1}/net"
+    out: dict[str, str] = {}
+    for line in _read(f"{net}/route").splitlines()[1:]:
+        f = line.split()
+        if len(f) > 2 and f[1] == "00000000" and f[2] != "00000000":
+            out["ip4_gw"] = socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
+            break
+    prev = ""
+    for line in _read(f"{net}/fib_trie").splitlines():
+        text = line.strip()
+        if text.startswith("/32 host LOCAL") and not prev.startswith("127."):
+            out["ip4"] = prev
+            break
+        if text.startswith(("|--", "+--")):
+            prev = text[3:].strip().split()[0]
+    for line in _read(f"{net}/if_inet6").splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[3] == "00" and f[5] != "lo":  # global scope
+            out["ip6"] = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(f[0]))
+            break
+    for line in _read(f"{net}/ipv6_route").splitlines():
+        f = line.split()
+        if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and f[4] != "0" * 32:
+            out["ip6_gw"] = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(f[4]))
+            break
+    return out
+
+
+def _nameserver(sandbox: Any) -> str | None:
+    """The nameserver the runtime wrote into the sandbox's resolv.conf (from its plan,
+    never read back through the sandbox's filesystem)."""
+    plan = getattr(sandbox, "_plan", None)
+    for target, content in getattr(plan, "etc_files", None) or []:
+        if bytes(target).endswith(b"resolv.conf"):
+            for line in bytes(content).decode("utf-8", "replace").splitlines():
+                f = line.split()
+                if len(f) >= 2 and f[0] == "nameserver":
+                    return f[1]
+    return None
 
 
 def _wait_until_exec(sandbox: Any, limit: float = 2.0) -> None:
