@@ -2,7 +2,14 @@
 
 `normalize_spawn_request` is the pure part (validation + defaults, echoed into the
 operation's metadata). `InstanceManager` runs the request on a bounded worker pool and
-records the event log init → spawn → stdout/stderr → exit → shutdown → completion.
+records the event log init → [network] → spawn → stdout/stderr → exit → shutdown →
+completion. The operation is EXECUTING from the moment the command has spawned.
+
+Extra processes (spid >= 2, `exec`) enter the running sandbox through sandbox/nsexec.py
+and share the event log; they end with the instance, their `exit` events recorded after
+spid 1's and before `shutdown`. `resources_limits.max_layer_bytes` caps the run's upper
+dir: watched during the run when set below the default, checked after it always; a run
+over the cap ends FAILED with a `size_cap` event and nothing is kept.
 """
 
 from __future__ import annotations
@@ -1002,7 +1009,9 @@ class InstanceManager:
                 run.procs.pop(spid, None)
             if run.closed or sandbox.done():
                 raise Conflict("the instance is not running") from exc
-            raise RequestError(500, f"cannot start the process: {exc}") from exc
+            # Most often the instance is ending right now (its pid namespace refuses
+            # new members); either way the caller can do nothing but look at its state.
+            raise Conflict(f"cannot start a process in this instance: {exc}") from exc
         with run.lock:
             proc.process = process
             self._emit(
