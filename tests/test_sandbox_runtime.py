@@ -437,7 +437,9 @@ def test_network_namespace_and_its_helper_are_gone_after_the_run(
     assert run.wait().exit_code == 0
     ns = bytes(run.stdout).decode().strip()
     assert ns.startswith("net:[")
-    assert holders_of(ns) == []
+    # pasta is SIGKILLed when the run ends and reaped in the background (its tap device
+    # teardown takes tens of ms the result does not wait for): bounded poll.
+    assert poll_until(lambda: holders_of(ns) == [])
 
 
 def test_concurrent_runs_from_many_threads(runner: Callable[..., Run]) -> None:
@@ -517,3 +519,27 @@ sb.wait()
         proc.wait()
     # PDEATHSIG chains are asynchronous: poll for a bounded while.
     assert poll_until(lambda: holders_of(ns) == [])
+
+
+def test_wait_exec_returns_once_the_program_itself_runs(runner: Callable[..., Run]) -> None:
+    run = runner(["sleep", str(MARK + 13)])
+    assert run.sandbox is not None and run.sandbox.wait_exec(30) is True
+    # No polling: "exec done" is an event, so the program is already there.
+    assert len(host_processes_with(f"sleep {MARK + 13}")) == 1
+    run.sandbox.kill()
+    run.wait()
+
+
+def test_wait_exec_is_false_when_exec_fails(runner: Callable[..., Run]) -> None:
+    run = runner(["missing-binary"])
+    assert run.sandbox is not None and run.sandbox.wait_exec(30) is False
+    assert run.wait().exit_code == 127
+
+
+def test_signal_asked_for_at_start_is_delivered_to_the_program(
+        runner: Callable[..., Run]) -> None:  # fmt: skip
+    run = runner(["sleep", str(MARK + 14)])
+    assert run.sandbox is not None
+    run.sandbox.signal(signal.SIGUSR1)  # most likely before exec: queued, then delivered
+    info = run.wait()
+    assert info.signal == signal.SIGUSR1 and not info.timed_out

@@ -344,11 +344,9 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> No
         stage = b"unshare"
         sc.unshare(plan.unshare_flags)
         if netgo >= 0:
-            stage = b"network"
+            # The server attaches pasta to this namespace while we (and pid 1) build the
+            # root: pid 1 waits for its answer on fd 4 only before starting the command.
             _report(b"N\n")
-            if os.read(_NETGO_FD, 1) != b"1":
-                os._exit(1)  # the server reported why
-            os.close(_NETGO_FD)
         stage = b"mount-private"
         sc.mount(None, b"/", None, sc.MS_REC | sc.MS_PRIVATE)
         stage = b"mount-overlay"
@@ -360,6 +358,8 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> No
             os.close(alive_w)
             _pid1(plan, alive_r)
         os.close(alive_r)
+        if plan.network:
+            os.close(_NETGO_FD)
         _report(b"P %d\n" % pid1)
         for fd in (0, 1, 2):
             os.close(fd)
@@ -409,21 +409,34 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
         stage = b"cwd"
         os.makedirs(plan.cwd, 0o755, exist_ok=True)
         os.chdir(plan.cwd)
+        if plan.network:
+            stage = b"network"
+            if os.read(_NETGO_FD, 1) != b"1":
+                os._exit(1)  # the server knows why pasta failed
+            os.close(_NETGO_FD)
         stage = b"fork"
         # The command waits on ``go`` until the server has been told its pid, so a
-        # signal() issued as soon as its first output arrives finds it.
+        # signal() issued as soon as its first output arrives finds it. It holds
+        # ``exec_w`` (close-on-exec) until execve succeeds: EOF on ``exec_r`` is the
+        # "exec done" event (R) the server delivers queued signals on.
         go_r, go_w = os.pipe()
+        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
         cmd = os.fork()
         if cmd == 0:
             os.close(go_w)
+            os.close(exec_r)
             os.read(go_r, 1)
             os.close(go_r)
             _command(plan)
         os.close(go_r)
+        os.close(exec_w)
         _report(b"S %d\n" % cmd)
         os.close(go_w)
         for fd in (0, 1, 2):
             os.close(fd)
+        os.read(exec_r, 1)  # EOF: exec'd, or failed (its E line is already written)
+        os.close(exec_r)
+        _report(b"R\n")
         stage = b"wait"
         while True:
             pid, status, ru = os.wait4(-1, 0)
@@ -521,6 +534,16 @@ def _host_pid_of(pid1: int, ns_pid: int) -> int | None:
     return None
 
 
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _reap_later(pid: int) -> None:
+    """Reap an already-killed child without waiting for it here."""
+    threading.Thread(target=_reap, args=(pid,), name="sandbox-reap", daemon=True).start()
+
+
 class Sandbox:
     """One running sandbox. Thread-safe methods; callbacks run on the sandbox's I/O thread."""
 
@@ -537,6 +560,8 @@ class Sandbox:
         self._forked = threading.Event()
         self._done = threading.Event()
         self._spawned = threading.Event()
+        self._execd = threading.Event()  # set on R (exec done or failed) and at the end
+        self._exec_ok = False
         self._spawn_error: BaseException | None = None
         self._info: ExitInfo | None = None
         self._intermediate = 0
@@ -545,7 +570,8 @@ class Sandbox:
         self._pid1_fd = -1
         self._ns_pid = 0
         self._cmd_host_pid: int | None = None
-        # Signals asked for before the command exists; delivered once it is spawned.
+        # Signals asked for before the command has exec'd; delivered right after exec so
+        # they hit the real program, not the half-set-up child.
         self._pending_signals: list[int] = []
         self._killed = False
         self._timed_out = False
@@ -628,16 +654,24 @@ class Sandbox:
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the main process's process group (no-op once it has exited).
 
-        A signal asked for before the command is spawned is kept and delivered as soon
-        as it is: a Ctrl-C pressed right after a run starts must not be lost.
+        A signal asked for before the command has exec'd is kept and delivered right
+        after execve succeeds: a Ctrl-C pressed right after a run starts must neither be
+        lost nor hit the child before it is the real program.
         """
         with self._lock:
             if self._done.is_set():
                 return
-            if not self._ns_pid:
+            if not self._execd.is_set():
                 self._pending_signals.append(sig)
                 return
         self._deliver(sig)
+
+    def wait_exec(self, timeout: float | None = None) -> bool:
+        """Wait until the command has called execve. True when it succeeded; False when
+        exec failed, setup failed, the run ended first, or ``timeout`` passed."""
+        self._execd.wait(timeout)
+        with self._lock:
+            return self._exec_ok
 
     def _deliver(self, sig: int) -> None:
         with self._lock:
@@ -728,6 +762,7 @@ class Sandbox:
         finally:
             self._close_netgo(b"")
             self._spawned.set()
+            self._execd.set()
             self._finish()
 
     def _close_netgo(self, answer: bytes) -> None:
@@ -815,11 +850,14 @@ class Sandbox:
             os.close(pid_fd)
 
     def _stop_pasta(self) -> None:
+        # SIGKILL, then reap on a helper thread: pasta's exit closes its tap device, and
+        # unregistering a network device waits for RCU grace periods (20-50 ms measured)
+        # that the run's result need not wait for. The dying process has already dropped
+        # its descriptors and namespaces by then.
         if self._pasta_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pasta_pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self._pasta_pid, 0)
+            _reap_later(self._pasta_pid)
             self._pasta_pid = 0
 
     def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
@@ -935,8 +973,12 @@ class Sandbox:
         elif kind == b"S":
             with self._lock:
                 self._ns_pid = int(parts[1])
-                pending, self._pending_signals = self._pending_signals, []
             self._spawned.set()
+        elif kind == b"R":
+            with self._lock:
+                self._exec_ok = self._error is None
+                pending, self._pending_signals = self._pending_signals, []
+                self._execd.set()
             for sig in pending:
                 self._deliver(sig)
         elif kind == b"E":
