@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,52 @@ def test_run_cgroups_are_removed_afterwards(image: Path, tmp_path: Path,
     assert info.exit_code == 0 and out.endswith(b"ok\n")
     assert b"0\n" in out  # the cgroup namespace hides the host-side group names
     assert made and all(not os.path.exists(os.fsdecode(p)) for p in made[0].procs_files)
+
+
+def test_startup_report_names_each_missing_controller_once() -> None:
+    layout = Layout(v1={"memory": Path("/sys/fs/cgroup/memory")}, v2=Path("/sys/fs/cgroup/unified"),
+                    v2_controllers=frozenset({"pids"}))
+    if os.geteuid() == 0:
+        report = cgroups.startup_report(layout)
+        assert len(report) == 1 and "'cpu'" in report[0] and "hybrid" in report[0]
+    assert cgroups.startup_report(Layout()) == [
+        "no cgroup filesystem mounted: memory, pids and cpu limits are off"]
+    assert cgroups.missing_controllers(layout) == ["cpu"]
+
+
+@pytest.mark.root
+def test_startup_report_is_quiet_on_this_host_when_all_controllers_exist() -> None:
+    if cgroups.missing_controllers():
+        pytest.skip("this host lacks a controller")
+    assert cgroups.startup_report() == []
+
+
+@pytest.mark.root
+def test_fork_bomb_ends_its_run_only(image: Path, tmp_path: Path) -> None:
+    missing = cgroups.missing_controllers()
+    if "pids" in missing:
+        pytest.skip("no pids controller")
+    (tmp_path / "bomb").mkdir()
+    (tmp_path / "other").mkdir()
+    bomb_out = bytearray()
+    upper, work = tmp_path / "bomb" / "upper", tmp_path / "bomb" / "work"
+    upper.mkdir()
+    work.mkdir()
+    # The bomb runs until its 3 s timeout; meanwhile a concurrent run and the host must
+    # still be able to fork.
+    bomb = Sandbox.start(lowers=[image], upper=upper, work=work,
+                         spec=RunSpec(argv=["sh", "-c", "b() { b | b & }; b; sleep 100"],
+                                      env={"PATH": "/bin"}, timeout=3,
+                                      limits=Limits(pids=64, memory_bytes=256 << 20)),
+                         on_output=lambda stream, chunk: bomb_out.extend(chunk))
+    try:
+        assert bomb.wait_exec(30)
+        info, out = run(image, tmp_path / "other", "echo alive; i=0; "
+                        "while [ $i -lt 20 ]; do true & i=$((i+1)); done; wait; echo done",
+                        Limits(pids=64))
+        assert info.exit_code == 0 and out == b"alive\ndone\n"
+        assert subprocess.run(["true"], check=False).returncode == 0  # the host can fork
+    finally:
+        bomb_info = bomb.wait(120)
+    assert bomb_info is not None and bomb_info.timed_out
+    assert b"can't fork" in bomb_out or b"Resource temporarily unavailable" in bomb_out

@@ -107,6 +107,35 @@ def detect() -> Layout:
     return Layout(v1=v1, v2=v2, v2_controllers=ctrls)
 
 
+def missing_controllers(layout: Layout | None = None) -> list[str]:
+    """Controllers of :data:`CONTROLLERS` this host offers neither in v1 nor in v2."""
+    layout = layout or detect()
+    return [c for c in CONTROLLERS if c not in layout.v1 and c not in layout.v2_controllers]
+
+
+def limits_available(layout: Layout | None = None) -> bool:
+    """True when this process can create run cgroups for at least one controller."""
+    if os.geteuid() != 0:
+        return False  # v1 is never delegated; v2 delegation is not set up for us
+    layout = layout or detect()
+    return len(missing_controllers(layout)) < len(CONTROLLERS)
+
+
+def startup_report(layout: Layout | None = None) -> list[str]:
+    """One-line warnings for the server to print at start (empty when all is well)."""
+    layout = layout or detect()
+    if layout.mode == "none":
+        return ["no cgroup filesystem mounted: memory, pids and cpu limits are off"]
+    if os.geteuid() != 0:
+        return ["running unprivileged: memory, pids and cpu limits are off (cgroups are "
+                "not delegated to this user); only the timeout bounds a run"]  # fmt: skip
+    return [f"cgroup controller {c!r} is not available ({layout.mode} layout): "
+            f"{_WHAT[c]} limits are off" for c in missing_controllers(layout)]  # fmt: skip
+
+
+_WHAT = {"memory": "memory", "pids": "process-count", "cpu": "CPU"}
+
+
 class RunCgroup:
     """The cgroups of one run. Create in the server; children only write ``procs_files``."""
 

@@ -86,6 +86,7 @@ class Hardening:
     cap_header: sc.CapHeader
     cap_data: ctypes.Array[sc.CapData]
     seccomp: sc.SockFprog
+    set_groups: bool = True  # False in a user namespace with setgroups denied
 
 
 _seccomp_lock = threading.Lock()
@@ -146,13 +147,13 @@ def _seccomp_prog() -> sc.SockFprog:
         return _seccomp_cache[1]
 
 
-def prepare(uid: int, gid: int) -> Hardening:
+def prepare(uid: int, gid: int, *, set_groups: bool = True) -> Hardening:
     """Build the capability and seccomp structures for a command running as uid:gid."""
     drop = tuple(c for c in range(_last_cap() + 1) if not ALLOWED_CAPS >> c & 1)
     # A non-root uid loses every capability at setuid(); asking for more would fail.
     caps = ALLOWED_CAPS if uid == 0 else 0
     header, data = sc.make_capset_args(caps, caps, 0)
-    return Hardening(uid, gid, drop, header, data, _seccomp_prog())
+    return Hardening(uid, gid, drop, header, data, _seccomp_prog(), set_groups)
 
 
 # ----------------------------------------------------------------- child side (after fork)
@@ -167,7 +168,8 @@ def apply(h: Hardening) -> None:
             if e.errno != errno.EINVAL:  # EINVAL: a capability this kernel does not know
                 raise
     sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
-    os.setgroups([])
+    if h.set_groups:
+        os.setgroups([])
     os.setgid(h.gid)
     os.setuid(h.uid)
     sc.capset_prepared(h.cap_header, h.cap_data)

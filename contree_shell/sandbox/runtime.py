@@ -41,6 +41,7 @@ import selectors
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -66,7 +67,8 @@ _NS_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIP
              | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)  # fmt: skip
 _READ_CHUNK = 65536
 _STATUS_FD = 3
-_NETGO_FD = 4  # network runs: the intermediate waits here until pasta is attached
+_NETGO_FD = 4  # network runs: pid 1 waits here until pasta is attached
+_USERGO_FD = 5  # rootless, full uid map: the intermediate waits here for newuidmap
 # Network on: pasta (user-mode NAT, from the passt package) attaches a tap device to the
 # sandbox's own network namespace; DNS goes to a link-local address pasta forwards to the
 # host's resolver (so a loopback resolver on the host works too).
@@ -79,6 +81,94 @@ _INIT_NAME = sc.make_name_buffer(b"contree-init")  # what `ps` in the sandbox sh
 # provides them, so an image that lacks one still needs no write into upper.
 _SCAFFOLD_DIRS = ("proc", "sys", "dev", "etc", "tmp")
 _SCAFFOLD_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
+
+
+# Rootless: a server started by an unprivileged user runs each sandbox in a user namespace.
+ROOTLESS = os.geteuid() != 0
+
+
+def _subid_range(path: str, uid: int) -> tuple[int, int] | None:
+    """The first (start, count) of /etc/subuid-style ``path`` for this user, if any."""
+    import pwd  # deferred: only rootless servers need it
+
+    try:
+        names = {str(uid), pwd.getpwuid(uid).pw_name}
+    except KeyError:
+        names = {str(uid)}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] in names and parts[1].isdigit() \
+                        and parts[2].isdigit() and int(parts[2]) > 0:
+                    return int(parts[1]), int(parts[2])
+    except OSError:
+        pass
+    return None
+
+
+SUBUIDS = _subid_range("/etc/subuid", os.geteuid()) if ROOTLESS else None
+SUBGIDS = _subid_range("/etc/subgid", os.geteuid()) if ROOTLESS else None
+
+
+def _id_map_kind() -> str:
+    """"host" (root, no user namespace), "full" (newuidmap + subuid range) or "single"."""
+    if not ROOTLESS:
+        return "host"
+    if SUBUIDS and SUBGIDS and shutil.which("newuidmap") and shutil.which("newgidmap"):
+        return "full"
+    return "single"
+
+
+_userns_checked: str | None = None
+
+
+def userns_error() -> str | None:
+    """Rootless only: why the kernel refuses user namespaces to this user (None: fine)."""
+    global _userns_checked
+    if not ROOTLESS:
+        return None
+    if _userns_checked is None:
+        pid = os.fork()
+        if pid == 0:  # only a pre-resolved syscall and _exit after fork
+            try:
+                sc.unshare(sc.CLONE_NEWUSER)
+                os._exit(0)
+            except OSError as e:
+                os._exit(min(e.errno or 1, 255))
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        _userns_checked = "" if code == 0 else (
+            f"the kernel refuses user namespaces to this user ({os.strerror(code)}): run the "
+            "server as root or allow unprivileged user namespaces "
+            "(sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone)")  # fmt: skip
+    return _userns_checked or None
+
+
+def mode() -> dict[str, object]:
+    """How this server runs sandboxes, for ``contree server status``.
+
+    Keys: mode ("root"|"rootless"), uid_map ("host"|"full"|"single"), limits (cgroup
+    limits usable), network (outbound NAT usable), cgroups (v1|v2|hybrid|none).
+    """
+    from contree_shell.sandbox import cgroups
+
+    layout = cgroups.detect()
+    return {"mode": "rootless" if ROOTLESS else "root", "uid_map": _id_map_kind(),
+            "limits": cgroups.limits_available(layout), "network": NETWORK_SUPPORTED,
+            "cgroups": layout.mode}  # fmt: skip
+
+
+def preflight() -> list[tuple[str, bool, str]]:
+    """Checks for the server's start: (name, ok, one-line detail); "runtime" blocks."""
+    from contree_shell.sandbox import cgroups
+
+    err = userns_error()
+    m = mode()
+    checks: list[tuple[str, bool, str]] = [
+        ("runtime", err is None, err or f"sandbox runtime: {m['mode']}, uid map {m['uid_map']}")]
+    checks += [("limits", True, line) for line in cgroups.startup_report()]
+    return checks
 
 
 class SandboxError(Exception):
@@ -144,6 +234,9 @@ class _Plan:
     lo: sc.IfReq
     parent_pid: int
     unshare_flags: int
+    rootless: bool = False
+    full_map: bool = False  # rootless: the server runs newuidmap/newgidmap for us
+    id_maps: list[tuple[bytes, bytes]] = field(default_factory=list)  # (file, content)
 
 
 _scaffold_lock = threading.Lock()
@@ -228,7 +321,8 @@ def _validate(spec: RunSpec) -> None:
 
 def _harden(spec: RunSpec) -> hardening.Hardening:
     try:
-        return hardening.prepare(spec.uid, spec.gid)
+        # A single-uid map denies setgroups(2) in the namespace (the kernel requires it).
+        return hardening.prepare(spec.uid, spec.gid, set_groups=_id_map_kind() != "single")
     except (OSError, RuntimeError) as e:  # libseccomp missing or unloadable
         raise SandboxError(f"cannot prepare the seccomp filter: {e}") from e
 
@@ -272,6 +366,11 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
         lo=lo,
         parent_pid=os.getpid(),
         unshare_flags=_NS_FLAGS,
+        rootless=ROOTLESS,
+        full_map=ROOTLESS and _id_map_kind() == "full",
+        id_maps=[(b"/proc/self/setgroups", b"deny"),
+                 (b"/proc/self/uid_map", b"0 %d 1" % os.geteuid()),
+                 (b"/proc/self/gid_map", b"0 %d 1" % os.getegid())],
     )
 
 
@@ -298,6 +397,8 @@ def _mount_overlay(plan: _Plan) -> None:
                 sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"lowerdir+", layer)
             sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"upperdir", plan.upper)
             sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"workdir", plan.work)
+            if plan.rootless:  # trusted.* xattrs need CAP_SYS_ADMIN in the host userns
+                sc.fsconfig(fs, sc.FSCONFIG_SET_FLAG, b"userxattr")
             sc.fsconfig(fs, sc.FSCONFIG_CMD_CREATE)
             mnt = sc.fsmount(fs)
             try:
@@ -311,10 +412,35 @@ def _mount_overlay(plan: _Plan) -> None:
         finally:
             os.close(fs)
     os.chdir(plan.legacy_dir)  # kernels without lowerdir+: relative layer names
-    sc.mount(b"overlay", plan.target, b"overlay", 0, plan.legacy_data)
+    data = plan.legacy_data + (b",userxattr" if plan.rootless else b"")
+    sc.mount(b"overlay", plan.target, b"overlay", 0, data)
 
 
-def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> None:
+def _write_file(path: bytes, content: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+
+
+def _enter_userns(plan: _Plan) -> None:
+    """Rootless: a user namespace whose root is this user (or the full subuid range)."""
+    sc.unshare(sc.CLONE_NEWUSER)
+    if plan.full_map:
+        _report(b"U\n")
+        if os.read(_USERGO_FD, 1) != b"1":
+            os._exit(1)  # the server reported why newuidmap failed
+    else:
+        for path, content in plan.id_maps:
+            _write_file(path, content)
+    # Become root of the namespace for real: the maps exist only now.
+    os.setgid(0)
+    os.setuid(0)
+
+
+def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
+                  usergo: int) -> None:  # fmt: skip
     """First child: namespaces and the overlay; never returns."""
     code = 1
     stage = b"setup"
@@ -329,11 +455,17 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> No
         os.dup2(fds[1], 1)
         os.dup2(fds[2], 2)
         os.dup2(fds[3], _STATUS_FD, inheritable=False)
-        if netgo >= 0:
-            os.dup2(netgo, _NETGO_FD, inheritable=False)
+        for src, dst in ((netgo, _NETGO_FD), (usergo, _USERGO_FD)):
+            if src >= 0:
+                os.dup2(src, dst, inheritable=False)
+            else:
+                try:
+                    os.close(dst)
+                except OSError:
+                    pass
         # Drop every other descriptor of the server, including other sandboxes' pipes,
         # which would otherwise delay their EOF until this run ends.
-        os.closerange(_NETGO_FD + 1 if netgo >= 0 else _STATUS_FD + 1, 1 << 20)
+        os.closerange(_USERGO_FD + 1, 1 << 20)
         stage = b"cgroup"
         for procs in plan.cgroup_procs:  # before the cgroup namespace is unshared
             fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
@@ -341,6 +473,11 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int) -> No
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+        if plan.rootless:
+            stage = b"userns"
+            _enter_userns(plan)
+            if plan.full_map:
+                os.close(_USERGO_FD)
         stage = b"unshare"
         sc.unshare(plan.unshare_flags)
         if netgo >= 0:
@@ -454,21 +591,24 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
         os._exit(code)
 
 
-def _exec_helper(parent: int, argv: list[str], ns_fd: int, err_w: int) -> None:
+def _exec_helper(parent: int, argv: list[str], pass_fds: list[int], err_w: int) -> None:
     """Child that becomes a host-side helper (pasta) dying with the server's I/O thread."""
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
         sc.reset_signals(hardening.RESET_SIGNALS)
-        os.dup2(ns_fd, 100)  # out of the way of 0..3 first, whatever numbers they had
-        os.dup2(err_w, 101)
+        # Out of the way of 0..4 first, whatever numbers they had.
+        for i, fd in enumerate(pass_fds):
+            os.dup2(fd, 100 + i)
+        os.dup2(err_w, 99)
         null = os.open("/dev/null", os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
-        os.dup2(101, 2)
-        os.dup2(100, 3)  # inheritable: pasta opens /proc/self/fd/3
-        os.closerange(4, 1 << 20)
+        os.dup2(99, 2)
+        for i in range(len(pass_fds)):
+            os.dup2(100 + i, 3 + i)  # inheritable: pasta opens /proc/self/fd/3 (and 4)
+        os.closerange(3 + len(pass_fds), 1 << 20)
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
@@ -501,8 +641,8 @@ def _command(plan: _Plan) -> None:
 
 
 def _high_fd(fd: int) -> int:
-    """Move ``fd`` above 4 so the children's dup2 onto 0..4 cannot clobber it."""
-    if fd > _NETGO_FD:
+    """Move ``fd`` above 5 so the children's dup2 onto 0..5 cannot clobber it."""
+    if fd > _USERGO_FD:
         return fd
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
@@ -532,6 +672,17 @@ def _host_pid_of(pid1: int, ns_pid: int) -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+_warned_no_limits = False
+
+
+def _warn_no_limits_once() -> None:
+    global _warned_no_limits
+    if not _warned_no_limits:
+        _warned_no_limits = True
+        log.warning("rootless mode: cgroup limits (memory, pids, cpu) are not applied; "
+                    "only the timeout bounds a run")  # fmt: skip
 
 
 def _reap(pid: int) -> None:
@@ -592,9 +743,13 @@ class Sandbox:
         ExitInfo.error. Callbacks must be quick: they run on the I/O thread, which also
         enforces the timeout.
         """
+        if ROOTLESS and (err := userns_error()):
+            raise SandboxError(err)
         plan = _plan(lowers, upper, work, spec)
         cgroup: RunCgroup | None = None
-        if spec.limits is not None and spec.limits.controllers():
+        if ROOTLESS and spec.limits is not None and spec.limits.controllers():
+            _warn_no_limits_once()
+        elif spec.limits is not None and spec.limits.controllers():
             try:
                 cgroup = RunCgroup.create(spec.limits)
             except CgroupError as e:
@@ -735,35 +890,66 @@ class Sandbox:
     def _io_main(self) -> None:
         made: list[int] = []
         try:
-            for _ in range(5 if self._plan.network else 4):
+            for _ in range(4 + self._plan.network + self._plan.full_map):
                 made.extend(_pipe())
             stdin_r, stdin_w, out_r, out_w, err_r, err_w, st_r, st_w = made[:8]
-            go_r, self._netgo_w = (made[8], made[9]) if self._plan.network else (-1, -1)
+            extra = made[8:]
+            go_r, self._netgo_w = (extra.pop(0), extra.pop(0)) if self._plan.network else (-1, -1)
+            ugo_r, self._usergo_w = (extra.pop(0), extra.pop(0)) if extra else (-1, -1)
             child_ends = (stdin_r, out_w, err_w, st_w)
             self._t0 = time.monotonic()
             pid = os.fork()
         except BaseException as e:  # EMFILE, EAGAIN...: start() raises it
             for fd in made:
                 os.close(fd)
-            self._netgo_w = -1
+            self._netgo_w = self._usergo_w = -1
             self._spawn_error = e
             self._forked.set()
             return
         if pid == 0:
-            _intermediate(self._plan, child_ends, go_r)
+            _intermediate(self._plan, child_ends, go_r, ugo_r)
         for fd in child_ends:
             os.close(fd)
-        if go_r >= 0:
-            os.close(go_r)
+        for fd in (go_r, ugo_r):
+            if fd >= 0:
+                os.close(fd)
         self._intermediate = pid
         self._forked.set()
         try:
             self._loop(stdin_w, out_r, err_r, st_r)
         finally:
             self._close_netgo(b"")
+            self._answer_userns(b"")
             self._spawned.set()
             self._execd.set()
             self._finish()
+
+    def _answer_userns(self, answer: bytes) -> None:
+        if self._usergo_w >= 0:
+            with contextlib.suppress(OSError):
+                if answer:
+                    os.write(self._usergo_w, answer)
+            os.close(self._usergo_w)
+            self._usergo_w = -1
+
+    def _map_userns(self) -> None:
+        """Full map: newuidmap/newgidmap (setuid helpers) write the intermediate's maps."""
+        uid, gid = os.geteuid(), os.getegid()
+        answer = b"0"
+        try:
+            for tool, own, sub in (("newuidmap", uid, SUBUIDS), ("newgidmap", gid, SUBGIDS)):
+                assert sub is not None
+                argv = [tool, str(self._intermediate), "0", str(own), "1",
+                        "1", str(sub[0]), str(sub[1])]  # fmt: skip
+                res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+                if res.returncode != 0:
+                    self._userns_error = (res.stderr.strip().splitlines() or [tool])[-1]
+                    break
+            else:
+                answer = b"1"
+        except (OSError, subprocess.SubprocessError) as e:
+            self._userns_error = str(e)
+        self._answer_userns(answer)
 
     def _close_netgo(self, answer: bytes) -> None:
         if self._netgo_w >= 0:
@@ -790,13 +976,21 @@ class Sandbox:
         try:
             ns_fd = os.open(f"/proc/{self._intermediate}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             fds.append(ns_fd)
+            pass_fds = [ns_fd]
+            if self._plan.rootless:  # join the sandbox's user namespace first
+                user_fd = os.open(f"/proc/{self._intermediate}/ns/user",
+                                  os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
+                fds.append(user_fd)
+                pass_fds.append(user_fd)
             fifo = os.path.join(scratch, "ready")
             os.mkfifo(fifo, 0o600)
             ready_r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             fds.append(ready_r)
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
-            argv = [PASTA, "-f", "--config-net", "--quiet", "--runas", "0",
+            who = (["--userns", "/proc/self/fd/4"] if self._plan.rootless
+                   else ["--runas", "0"])  # fmt: skip
+            argv = [PASTA, "-f", "--config-net", "--quiet", *who,
                     "--netns", "/proc/self/fd/3", "--pid", fifo, "--dns-forward", PASTA_DNS,
                     # Outbound NAT only: no port forwarding either way (pasta's default
                     # "auto" would publish sandbox ports on the host and let the sandbox
@@ -805,7 +999,7 @@ class Sandbox:
             parent = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _exec_helper(parent, argv, ns_fd, err_w)
+                _exec_helper(parent, argv, pass_fds, err_w)
             os.close(err_w)
             fds.remove(err_w)
             self._pasta_pid = pid
@@ -970,6 +1164,8 @@ class Sandbox:
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
         elif kind == b"N":
             self._attach_network()
+        elif kind == b"U":
+            self._map_userns()
         elif kind == b"S":
             with self._lock:
                 self._ns_pid = int(parts[1])
@@ -993,6 +1189,8 @@ class Sandbox:
     _net_error: str | None = None
     _pasta_pid = 0
     _netgo_w = -1
+    _usergo_w = -1
+    _userns_error: str | None = None
     _status: int | None = None
     _rusage: dict[str, int] | None = None
 
@@ -1019,6 +1217,13 @@ class Sandbox:
         self._info = self._exit_info(duration)
         if self._cgroup is not None:
             self._info.oom_killed = self._cgroup.oom_killed()
+            # ru_maxrss counts the forked server's pages the command held before exec
+            # (~14 MB); the run's memory cgroup only charges what the run allocated.
+            # Take the smaller: exact for big programs, far closer for small ones.
+            peak = self._cgroup.peak_memory()
+            if peak is not None and self._info.rusage.get("max_rss_kb"):
+                self._info.rusage["max_rss_kb"] = min(self._info.rusage["max_rss_kb"],
+                                                      peak // 1024)  # fmt: skip
             self._cgroup.remove()
             if self._info.oom_killed and self._status is None and not self._timed_out:
                 # pid 1 itself was the OOM victim: the run died of SIGKILL all the same.
@@ -1048,12 +1253,16 @@ class Sandbox:
         if self._error is not None:
             stage, err = self._error
             reason = os.strerror(err) if err else "failed"
-            if stage == _EXEC_STAGE.decode():
+            if self._userns_error is not None:
+                error = f"user namespace setup failed: {self._userns_error}"
+            elif stage == _EXEC_STAGE.decode():
                 error = f"exec {self._spec.argv[0]}: {reason}"
                 if not self._timed_out:
                     exit_code = 127 if err == errno.ENOENT else 126
             else:
                 error = f"sandbox setup failed at {stage}: {reason}"
+        elif self._userns_error is not None:
+            error = f"user namespace setup failed: {self._userns_error}"
         elif self._net_error is not None:
             error = f"network setup failed: {self._net_error}"
         elif self._status is None and not self._killed and not self._timed_out:
