@@ -241,10 +241,12 @@ def setup_sys() -> None:
     sc.mount(b"sysfs", b"sys", b"sysfs", sc.MS_RDONLY | _MNT_PROC)
 
 
-def setup_dev(host_dev: bytes) -> None:
+def setup_dev(host_dev: bytes, devpts_opts: bytes = b"newinstance,ptmxmode=0666,mode=0620,gid=5"
+              ) -> None:  # fmt: skip
     """A tmpfs /dev with a handful of host device nodes bound in, devpts and /dev/shm.
 
-    ``host_dev`` is the host's /dev (as seen before pivot_root). No MS_NODEV here: the
+    ``host_dev`` is the host's /dev (as seen before pivot_root). ``devpts_opts`` drops
+    ``gid=5`` (tty) in a user namespace that maps only one gid. No MS_NODEV here: the
     bound nodes must stay usable, and without CAP_MKNOD nothing new can appear.
     """
     ensure_dir(b"dev")
@@ -257,8 +259,7 @@ def setup_dev(host_dev: bytes) -> None:
         except FileNotFoundError:
             os.unlink(target)
     os.mkdir(b"dev/pts", 0o755)
-    sc.mount(b"devpts", b"dev/pts", b"devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-             b"newinstance,ptmxmode=0666,mode=0620,gid=5")  # fmt: skip
+    sc.mount(b"devpts", b"dev/pts", b"devpts", sc.MS_NOSUID | sc.MS_NOEXEC, devpts_opts)
     os.mkdir(b"dev/shm", 0o1777)
     sc.mount(b"shm", b"dev/shm", b"tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
              b"mode=1777,size=65536k")  # fmt: skip

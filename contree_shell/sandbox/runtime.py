@@ -73,7 +73,9 @@ _USERGO_FD = 5  # rootless, full uid map: the intermediate waits here for newuid
 # sandbox's own network namespace; DNS goes to a link-local address pasta forwards to the
 # host's resolver (so a loopback resolver on the host works too).
 PASTA = shutil.which("pasta")
-NETWORK_SUPPORTED = PASTA is not None
+# Rootless, pasta opens /dev/net/tun as this user: many hosts keep it root-only (0600).
+NETWORK_SUPPORTED = PASTA is not None and (
+    os.geteuid() == 0 or os.access("/dev/net/tun", os.R_OK | os.W_OK))
 PASTA_DNS = "169.254.1.1"
 _EXEC_STAGE = b"exec"
 _INIT_NAME = sc.make_name_buffer(b"contree-init")  # what `ps` in the sandbox shows as pid 1
@@ -237,6 +239,7 @@ class _Plan:
     rootless: bool = False
     full_map: bool = False  # rootless: the server runs newuidmap/newgidmap for us
     id_maps: list[tuple[bytes, bytes]] = field(default_factory=list)  # (file, content)
+    devpts_opts: bytes = b"newinstance,ptmxmode=0666,mode=0620,gid=5"
 
 
 _scaffold_lock = threading.Lock()
@@ -368,6 +371,8 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
         unshare_flags=_NS_FLAGS,
         rootless=ROOTLESS,
         full_map=ROOTLESS and _id_map_kind() == "full",
+        devpts_opts=(b"newinstance,ptmxmode=0666,mode=0620" if _id_map_kind() == "single"
+                     else b"newinstance,ptmxmode=0666,mode=0620,gid=5"),
         id_maps=[(b"/proc/self/setgroups", b"deny"),
                  (b"/proc/self/uid_map", b"0 %d 1" % os.geteuid()),
                  (b"/proc/self/gid_map", b"0 %d 1" % os.getegid())],
@@ -531,7 +536,7 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
         stage = b"mount-sys"
         hardening.setup_sys()
         stage = b"mount-dev"
-        hardening.setup_dev(b"/dev")
+        hardening.setup_dev(b"/dev", plan.devpts_opts)
         stage = b"mount-etc"
         for target, content in plan.etc_files:
             hardening.bind_private_file(b"dev/.contree-etc", target, content)
