@@ -543,3 +543,66 @@ def test_signal_asked_for_at_start_is_delivered_to_the_program(
     run.sandbox.signal(signal.SIGUSR1)  # most likely before exec: queued, then delivered
     info = run.wait()
     assert info.signal == signal.SIGUSR1 and not info.timed_out
+
+
+PEER_LISTENER = """
+import socket, sys
+s = socket.socket()
+s.bind(("169.254.77.2", 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.sendall(b"hello-from-peer\\n")
+c.close()
+"""
+
+
+@pytest.fixture
+def peer_netns() -> Iterator[str]:
+    """A separate network namespace at 169.254.77.2, linked to the host by a veth /30."""
+    if not shutil.which("ip"):
+        pytest.skip("iproute2 is missing")
+    name = f"contree-nat-{os.getpid()}"
+    host_if, peer_if = f"cth{os.getpid() % 100000}", f"ctp{os.getpid() % 100000}"
+    steps = [["ip", "netns", "add", name],
+             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
+              "netns", name],
+             ["ip", "addr", "add", "169.254.77.1/30", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "-n", name, "addr", "add", "169.254.77.2/30", "dev", peer_if],
+             ["ip", "-n", name, "link", "set", peer_if, "up"]]  # fmt: skip
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                pytest.skip(f"cannot build the peer namespace: {done.stderr.strip()}")
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@needs_pasta
+def test_network_on_reaches_another_host_through_nat_but_not_host_loopback(
+        runner: Callable[..., Run], peer_netns: str) -> None:  # fmt: skip
+    peer = subprocess.Popen(["ip", "netns", "exec", peer_netns, sys.executable, "-c",
+                             PEER_LISTENER], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    local = socket.socket()
+    local.bind(("127.0.0.1", 0))
+    local.listen(1)
+    local.settimeout(0.1)
+    try:
+        assert peer.stdout is not None
+        port = int(peer.stdout.readline())
+        run = runner(f"nc -w 5 169.254.77.2 {port} < /dev/null; echo peer=$?; "
+                     f"nc -w 2 127.0.0.1 {local.getsockname()[1]} < /dev/null; echo lo=$?",
+                     network=True)  # fmt: skip
+        assert run.wait().exit_code == 0
+        assert bytes(run.stdout).split() == [b"hello-from-peer", b"peer=0", b"lo=1"]
+        with pytest.raises(TimeoutError):
+            local.accept()
+        assert peer.wait(30) == 0
+    finally:
+        local.close()
+        peer.kill()
+        peer.wait()
