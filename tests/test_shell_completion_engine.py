@@ -240,3 +240,30 @@ def test_editor_aliases_complete_sandbox_paths() -> None:
     from contree_shell.shell.completion.engine import SandboxPath
 
     assert analyze("vim /et", None, BUILTINS | {"vim"}).suggestions == (SandboxPath(),)
+
+
+def test_arguments_on_this_machine_complete_host_paths() -> None:
+    from contree_shell.shell.commands import shell_parser
+    from contree_shell.shell.completion.engine import HostPath
+
+    parser = shell_parser()
+    if commands_missing(parser, ["cp"], ["export"]):
+        pytest.skip("cp/export are not in this build")
+    assert analyze("contree cp /etc/passwd ./", parser, BUILTINS).suggestions == (HostPath(),)
+    assert analyze("contree export -F ./", parser, BUILTINS).suggestions == (HostPath(),)
+    assert analyze("contree cp /et", parser, BUILTINS).suggestions == (SandboxPath(),)
+
+
+def test_operation_arguments_complete_operations() -> None:
+    from contree_shell.shell.commands import shell_parser
+
+    parser = shell_parser()
+    if commands_missing(parser, ["show"]):
+        pytest.skip("show is not in this build")
+    assert analyze("contree show ", parser, BUILTINS).suggestions[0].name == "operation"
+
+
+def commands_missing(parser: object, *paths: list[str]) -> bool:
+    from contree_shell.shell.commands import find_command
+
+    return any(find_command(p, parser) is None for p in paths)  # type: ignore[arg-type]

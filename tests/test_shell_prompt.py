@@ -68,3 +68,9 @@ def test_toolbar_visibility_modes() -> None:
     assert toolbar_visible("typing", "ec", False)
     assert toolbar_visible("typing", "", True)
     assert not toolbar_visible("off", "ec", True)
+
+
+def test_toolbar_says_when_completions_are_refreshing_and_when_vi_is_on() -> None:
+    text = to_plain_text(toolbar_tokens(snap(), "busybox", refreshing=True, vi=True))
+    assert "refreshing completions…" in text and "│  vi" in text
+    assert "refreshing" not in to_plain_text(toolbar_tokens(snap(), "busybox"))

@@ -242,3 +242,13 @@ def test_output_format_builtin(shell: ShellContext, pipe: PipeInput,
     assert captured.out == "csv\n"
     assert "Unknown format 'bad'. Available: default, table" in captured.err
     assert shell.ctx.output_format == "csv"
+
+
+def test_history_skips_repeats_and_lines_starting_with_a_space(
+    shell: ShellContext, pipe: PipeInput
+) -> None:
+    repl = Repl(shell)
+    for line in ("pwd", "pwd", " echo private", "history"):
+        pipe.send_text(line + ENTER)
+        repl.read()
+    assert shell.history.lines() == ["pwd", "history"]

@@ -148,3 +148,16 @@ def test_vim_edits_locally_and_the_file_is_in_the_next_run(
         term.command("cat /tmp/notes.txt", re.compile(r"^edited-locally$", re.M))
     finally:
         term.close()
+
+
+def test_ctrl_r_finds_an_earlier_line_and_enter_runs_it(shell: Terminal) -> None:
+    shell.command("echo ctrl-r-target", re.compile(r"^ctrl-r-target$", re.M))
+    shell.command("pwd", PROMPT)
+    shell.key("C-r")
+    shell.send("ctrl-r-t", enter=False)
+    shell.wait_for(re.compile(r"reverse-i-search.*echo ctrl-r-target|echo ctrl-r-target.*search",
+                              re.I))
+    shell.key("Enter")
+    shell.wait_for(re.compile(r"\$ echo ctrl-r-target$", re.M))
+    shell.key("Enter")
+    shell.wait_for(lambda s: len(re.findall(r"^ctrl-r-target$", s, re.M)) == 2)

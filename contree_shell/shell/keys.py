@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from prompt_toolkit.enums import EditingMode
-from prompt_toolkit.filters import has_completions, is_done
+from prompt_toolkit.filters import has_completions, is_done, is_searching
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.keys import Keys
 
@@ -52,7 +52,7 @@ def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
     """The shell's bindings; `settings.keys` remaps the actions in KEY_ACTIONS."""
     kb = KeyBindings()
 
-    @kb.add("enter", filter=~is_done & ~has_completions)
+    @kb.add("enter", filter=~is_done & ~is_searching & ~has_completions)
     def _enter(event: KeyPressEvent) -> None:
         """Accept the command, or start a `> ` line when a quote or `\\` is left open."""
         buffer = event.current_buffer
@@ -61,7 +61,7 @@ def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
         else:
             buffer.validate_and_handle()
 
-    @kb.add("enter", filter=~is_done & has_completions)
+    @kb.add("enter", filter=~is_done & ~is_searching & has_completions)
     def _enter_menu(event: KeyPressEvent) -> None:
         """With the completion menu open, Enter takes the highlighted candidate."""
         buffer = event.current_buffer
@@ -75,7 +75,7 @@ def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
         else:
             buffer.validate_and_handle()
 
-    @kb.add(Keys.BracketedPaste, filter=~is_done)
+    @kb.add(Keys.BracketedPaste, filter=~is_done & ~is_searching)
     def _paste(event: KeyPressEvent) -> None:
         """Paste; a pasted block that ends with a newline runs at once, as in bash.
 
@@ -89,7 +89,7 @@ def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
                 and not is_incomplete(buffer.text):
             buffer.validate_and_handle()
 
-    @kb.add("c-c", filter=~is_done)
+    @kb.add("c-c", filter=~is_done & ~is_searching)
     def _clear(event: KeyPressEvent) -> None:
         """Throw away what was typed (continuation lines included) and start over."""
         event.current_buffer.reset()
@@ -98,7 +98,9 @@ def create_key_bindings(settings: ShellSettings | None = None) -> KeyBindings:
         keys = settings.keys_for(action) if settings is not None else KEY_ACTIONS[action]
         for key in keys:
             try:
-                kb.add(*key.split(), filter=~is_done)(handler)
+                # While searching, prompt_toolkit's own search keys apply (Ctrl-R again:
+                # the next older match; Enter: take it).
+                kb.add(*key.split(), filter=~is_done & ~is_searching)(handler)
             except (ValueError, KeyError):
                 log.warning("shell.toml [keys]: %s: unknown key %r", action, key)
     return kb

@@ -135,6 +135,18 @@ _SOURCE_BY_COMMAND = {
     ("env",): "env-key",
     ("unset",): "env-key",
 }
+# (command path, dest) of arguments that name a file on this machine.
+_HOST_ARGS = {
+    (("cp",), "dest"), (("export",), "out"), (("file", "cp"), "src"),
+    (("build",), "context"), (("build",), "file"),
+}
+# Where the name says nothing, the command path does: `tag [IMAGE] TAG`, `show UUID`.
+_SOURCE_BY_ARG = {
+    (("tag",), "refs"): "image",
+    (("show",), "operations"): "operation",
+    (("kill",), "operations"): "operation",
+}
+
 # Commands whose path argument must be a directory.
 _DIR_COMMANDS = {("cd",)}
 
@@ -415,7 +427,12 @@ def _values_for(path: tuple[str, ...], action: argparse.Action) -> tuple[Suggest
     """Candidates for one argument's value: its choices, else a source by name."""
     if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
         return (Choices(tuple(str(c) for c in action.choices)),)
-    names = {str(action.dest or "").lower()}
+    dest = str(action.dest or "")
+    if (path, dest) in _HOST_ARGS:
+        return (HostPath(),)
+    if (path, dest) in _SOURCE_BY_ARG:
+        return (Source(_SOURCE_BY_ARG[(path, dest)], path, dest),)
+    names = {dest.lower()}
     if isinstance(action.metavar, str):
         names.add(action.metavar.lower())
     for name in sorted(names):
