@@ -136,12 +136,12 @@ _SOURCE_BY_COMMAND = {
     ("unset",): "env-key",
 }
 # (command path, dest) of arguments that name a file on this machine.
-_HOST_ARGS = {
+_HOST_ARGS: set[tuple[tuple[str, ...], str]] = {
     (("cp",), "dest"), (("export",), "out"), (("file", "cp"), "src"),
     (("build",), "context"), (("build",), "file"),
 }
 # Where the name says nothing, the command path does: `tag [IMAGE] TAG`, `show UUID`.
-_SOURCE_BY_ARG = {
+_SOURCE_BY_ARG: dict[tuple[tuple[str, ...], str], str] = {
     (("tag",), "refs"): "image",
     (("show",), "operations"): "operation",
     (("kill",), "operations"): "operation",
