@@ -138,3 +138,15 @@ def test_aliases_are_offered_only_when_no_full_name_fits(completer: object) -> N
     found = complete(completer, "contree session c")
     assert "checkout" in found and "co" not in found
     assert complete(completer, "contree session rb") == ["rb"]
+
+
+def test_contree_commands_work_inside_the_shell(
+    server: LocalServer, session_env: dict[str, str]
+) -> None:
+    script = ("contree images\ncontree session show\ncontree session list\ncontree env\n"
+              "contree ls /\nhelp session\nhelp\n")
+    code, out, err = shell(server, session_env, script)
+    assert code == 0, err
+    assert "busybox" in out
+    assert "Settings (editing mode" in out
+    assert "[ERROR]" not in err and "Traceback" not in err

@@ -271,6 +271,15 @@ def _exit(sh: ShellContext, call: Builtin) -> int:
     raise EOFError
 
 
+def _settings_path() -> str:
+    try:
+        from contree_shell.shell.settings import config_path
+
+        return str(config_path())
+    except Exception:
+        return "shell.toml in the contree config directory"
+
+
 def general_help() -> str:
     """The shell's help text, generated from the registry and the contree command tree."""
     width = max(len(spec.usage) for spec in _REGISTRY.values())
@@ -292,6 +301,8 @@ def general_help() -> str:
         "help COMMAND       show a contree command's help, e.g. `help session`",
         "",
         "Keys: Tab completes, Ctrl-R searches history, Ctrl-C clears the line or interrupts",
-        "the running command (twice cancels it), Ctrl-D leaves.",
+        "the running command (twice cancels it), Ctrl-D leaves, F4 toggles emacs/vi keys,",
+        "Ctrl-X Ctrl-E edits the line in $EDITOR. `$?` is the last command's status.",
+        f"Settings (editing mode, colours, pager, keys): {_settings_path()}",
     ]
     return "\n".join(parts)
