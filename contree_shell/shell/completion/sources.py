@@ -136,9 +136,27 @@ class Sources:
             if not fresh:
                 self._revalidate(namespace, kind, fetch)
             return value
-        value = fetch()
+        # A miss waits for the server (on the completer's thread, never the prompt's);
+        # the toolbar says so meanwhile.
+        key = (namespace, kind)
+        with self._lock:
+            self._inflight.add(key)
+        self._notify()
+        try:
+            value = fetch()
+        finally:
+            with self._lock:
+                self._inflight.discard(key)
+            self._notify()
         self._store(namespace, kind, value)
         return value
+
+    def _notify(self) -> None:
+        if self.on_refreshed is not None:
+            try:
+                self.on_refreshed()
+            except Exception:
+                log.debug("toolbar redraw failed", exc_info=True)
 
     def _store(self, namespace: str, kind: str, value: Any) -> None:
         if self.cache is None:
@@ -163,17 +181,9 @@ class Sources:
             finally:
                 with self._lock:
                     self._inflight.discard(key)
-                if self.on_refreshed is not None:
-                    try:
-                        self.on_refreshed()
-                    except Exception:
-                        log.debug("redraw after refresh failed", exc_info=True)
+                self._notify()
 
-        if self.on_refreshed is not None:
-            try:
-                self.on_refreshed()  # show "refreshing completions…"
-            except Exception:
-                log.debug("redraw before refresh failed", exc_info=True)
+        self._notify()  # show "refreshing completions…"
         try:
             self._refresh.submit(work)
         except RuntimeError:  # shut down
