@@ -161,3 +161,13 @@ def test_ctrl_r_finds_an_earlier_line_and_enter_runs_it(shell: Terminal) -> None
     shell.wait_for(re.compile(r"\$ echo ctrl-r-target$", re.M))
     shell.key("Enter")
     shell.wait_for(lambda s: len(re.findall(r"^ctrl-r-target$", s, re.M)) == 2)
+
+
+def test_a_command_reading_stdin_gets_the_line_typed_while_it_runs(
+    server: LocalServer, shell: Terminal
+) -> None:
+    shell.send("read answer; echo got=$answer")
+    executing_operation(server)
+    shell.send("hello")
+    shell.wait_for(re.compile(r"^got=hello$", re.M))
+    shell.wait_for(lambda s: PROMPT.search(s[s.rfind("got=hello"):]) is not None)
