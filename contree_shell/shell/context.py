@@ -42,10 +42,13 @@ class ShellContext:
     on_state_change: Callable[[], None] | None = None
 
     _connecting: threading.Thread | None = field(default=None, repr=False)
+    _connect_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def connect_in_background(self) -> None:
-        """Create the API client (importing httpx, starting the local server if needed)
-        on a thread, so the first prompt does not wait for it; `client()` joins it."""
+        """Prepare to create the API client (importing httpx, starting the local server if
+        needed) on a thread. It starts with `start_connecting` (the REPL calls it once the
+        first prompt is on screen, so the prompt never waits for it) or with the first
+        `client()`/`wait_connected()`."""
 
         def connect() -> None:
             try:
@@ -54,7 +57,13 @@ class ShellContext:
                 log.debug("client not available yet", exc_info=True)  # a command says why
 
         self._connecting = threading.Thread(target=connect, name="connect", daemon=True)
-        self._connecting.start()
+
+    def start_connecting(self) -> None:
+        """Start the prepared background connection (idempotent)."""
+        with self._connect_lock:
+            thread = self._connecting
+            if thread is not None and thread.ident is None:
+                thread.start()
 
     def client(self) -> Any:
         """The API client, once the background connection (if any) has finished."""
@@ -62,7 +71,8 @@ class ShellContext:
         return self.ctx.client
 
     def wait_connected(self) -> None:
-        """Wait for `connect_in_background` (a no-op when it was not used)."""
+        """Start and wait for `connect_in_background` (a no-op when it was not used)."""
+        self.start_connecting()
         thread = self._connecting
         if thread is not None:
             thread.join()

@@ -194,7 +194,15 @@ class Repl:
             vi_mode=self.settings.vi,
         )
         self.labels.on_change = self._redraw
+        self.labels.ready.clear()
+        self.session.app.after_render += self._first_frame_drawn
         _toolbar_under_the_input(self.session)
+
+    def _first_frame_drawn(self, _app: Any) -> None:
+        """The prompt is on screen: now connect and look up the image tag."""
+        self.session.app.after_render -= self._first_frame_drawn
+        self.sh.start_connecting()
+        self.labels.ready.set()
 
     def _redraw(self) -> None:
         app = self.session.app

@@ -59,6 +59,10 @@ class ImageLabels:
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self.on_change = on_change
+        # Lookups wait for this (the REPL sets it once the first prompt is drawn, so
+        # the first frame never shares the CPU with a network client starting up).
+        self.ready = threading.Event()
+        self.ready.set()
 
     def label(self, image: str | None) -> str:
         """The best label known now; starts a lookup for an unknown image."""
@@ -76,6 +80,7 @@ class ImageLabels:
         return image[:8]
 
     def _lookup(self, image: str) -> None:
+        self.ready.wait()
         label = image[:8]
         try:
             body = self._client().get_image(image)
