@@ -240,6 +240,8 @@ class _Plan:
     full_map: bool = False  # rootless: the server runs newuidmap/newgidmap for us
     id_maps: list[tuple[bytes, bytes]] = field(default_factory=list)  # (file, content)
     devpts_opts: bytes = b"newinstance,ptmxmode=0666,mode=0620,gid=5"
+    net_pooled: bool = False  # network: join netns_fd (pasta attached) instead of waiting
+    netns_fd: int = -1
 
 
 _scaffold_lock = threading.Lock()
@@ -478,6 +480,10 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+        if plan.net_pooled:  # a namespace made ahead, with pasta already attached
+            stage = b"network"
+            sc.setns(_NETGO_FD, sc.CLONE_NEWNET)
+            os.close(_NETGO_FD)
         if plan.rootless:
             stage = b"userns"
             _enter_userns(plan)
@@ -485,7 +491,7 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
                 os.close(_USERGO_FD)
         stage = b"unshare"
         sc.unshare(plan.unshare_flags)
-        if netgo >= 0:
+        if netgo >= 0 and not plan.net_pooled:
             # The server attaches pasta to this namespace while we (and pid 1) build the
             # root: pid 1 waits for its answer on fd 4 only before starting the command.
             _report(b"N\n")
@@ -500,7 +506,7 @@ def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
             os.close(alive_w)
             _pid1(plan, alive_r)
         os.close(alive_r)
-        if plan.network:
+        if plan.network and not plan.net_pooled:
             os.close(_NETGO_FD)
         _report(b"P %d\n" % pid1)
         for fd in (0, 1, 2):
@@ -551,7 +557,7 @@ def _pid1(plan: _Plan, alive_r: int) -> None:
         stage = b"cwd"
         os.makedirs(plan.cwd, 0o755, exist_ok=True)
         os.chdir(plan.cwd)
-        if plan.network:
+        if plan.network and not plan.net_pooled:
             stage = b"network"
             if os.read(_NETGO_FD, 1) != b"1":
                 os._exit(1)  # the server knows why pasta failed
@@ -679,6 +685,98 @@ def _host_pid_of(pid1: int, ns_pid: int) -> int | None:
     return None
 
 
+class _NetPool:
+    """Network namespaces with pasta already attached and configured, made ahead of time.
+
+    pasta needs ~20 ms to get ready; a run that finds one here only pays a setns(2).
+    Each namespace serves exactly one run. The pool thread lives as long as the server,
+    so its pastas (PDEATHSIG on that thread) die with it. Root only: rootless runs need
+    the namespace owned by their own user namespace.
+    """
+
+    SIZE = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: deque[tuple[int, int]] = deque()  # (netns fd, pasta pid)
+        self._want = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._broken = False
+
+    def take(self) -> tuple[int, int] | None:
+        """A ready (netns fd, pasta pid), now owned by the caller; None if none is ready
+        (the caller then attaches pasta itself). The first call starts the pool."""
+        with self._lock:
+            if self._broken:
+                return None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="sandbox-netpool",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            entry = None
+            while self._ready and entry is None:
+                ns_fd, pid = self._ready.popleft()
+                try:
+                    alive = os.waitpid(pid, os.WNOHANG) == (0, 0)
+                except ChildProcessError:
+                    alive = False
+                if alive:
+                    entry = (ns_fd, pid)
+                else:
+                    os.close(ns_fd)
+        self._want.set()
+        return entry
+
+    def _main(self) -> None:
+        try:
+            host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._broken = True
+            return
+        while True:
+            with self._lock:
+                full = len(self._ready) >= self.SIZE
+                if full:
+                    self._want.clear()
+            if full:
+                self._want.wait()
+                continue
+            try:
+                entry = self._make(host)
+            except OSError as e:
+                entry, why = None, str(e)
+            else:
+                why = "pasta did not start"
+            if entry is None:
+                log.warning("network pool disabled: %s", why)
+                with self._lock:
+                    self._broken = True
+                return
+            with self._lock:
+                self._ready.append(entry)
+
+    @staticmethod
+    def _make(host: int) -> tuple[int, int] | None:
+        # unshare(CLONE_NEWNET) affects this thread only; pasta must start back in the
+        # host's namespace (its outside sockets live where it starts).
+        sc.unshare(sc.CLONE_NEWNET)
+        try:
+            lo = sc.IfReq()
+            lo.name = b"lo"
+            sc.interface_up(lo)
+            ns_fd = _high_fd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        finally:
+            sc.setns(host, sc.CLONE_NEWNET)
+        pid, _err = _start_pasta(ns_fd, None)
+        if not pid:
+            os.close(ns_fd)
+            return None
+        return ns_fd, pid
+
+
+_NET_POOL = _NetPool()
+# Tests turn this off to exercise the attach-while-setting-up path.
+USE_NETWORK_POOL = True
 _warned_no_limits = False
 
 
@@ -688,6 +786,85 @@ def _warn_no_limits_once() -> None:
         _warned_no_limits = True
         log.warning("rootless mode: cgroup limits (memory, pids, cpu) are not applied; "
                     "only the timeout bounds a run")  # fmt: skip
+
+
+def _start_pasta(ns_fd: int, user_fd: int | None) -> tuple[int, str | None]:
+    """Start pasta on the network namespace ``ns_fd``; (pid, None) once it is ready.
+
+    pasta runs in the foreground as our child, with PDEATHSIG tied to the calling thread,
+    and is SIGKILLed by its owner: left alone it would hold the namespace (and itself)
+    alive forever. It drops privileges before joining a namespace, so it gets the
+    namespace as an inherited fd (its own /proc/self/fd entry is always openable). It
+    writes its pid file once the interface, addresses and routes are configured: the
+    pid file is a FIFO we read, which makes readiness an event instead of a poll.
+    On failure: (0, the reason).
+    """
+    assert PASTA is not None
+    scratch = tempfile.mkdtemp(prefix="contree-pasta-")
+    fds: list[int] = []
+    pid = 0
+    try:
+        fifo = os.path.join(scratch, "ready")
+        os.mkfifo(fifo, 0o600)
+        ready_r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fds.append(ready_r)
+        err_r, err_w = os.pipe()
+        fds += [err_r, err_w]
+        who = ["--userns", "/proc/self/fd/4"] if user_fd is not None else ["--runas", "0"]
+        argv = [PASTA, "-f", "--config-net", "--quiet", *who,
+                "--netns", "/proc/self/fd/3", "--pid", fifo, "--dns-forward", PASTA_DNS,
+                # Outbound NAT only: no port forwarding either way (pasta's default
+                # "auto" would publish sandbox ports on the host and let the sandbox
+                # reach the host's loopback services), no gateway → host mapping.
+                "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]  # fmt: skip
+        pass_fds = [ns_fd] if user_fd is None else [ns_fd, user_fd]
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _exec_helper(parent, argv, pass_fds, err_w)
+        os.close(err_w)
+        fds.remove(err_w)
+        if _wait_ready(pid, ready_r):
+            return pid, None
+        os.set_blocking(err_r, False)
+        reason = "pasta did not start"
+        with contextlib.suppress(OSError):
+            lines = os.read(err_r, 4096).decode(errors="replace").strip().splitlines()
+            reason = lines[-1] if lines else reason
+    except OSError as e:
+        reason = str(e)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap_later(pid)
+    return 0, reason
+
+
+def _wait_ready(pid: int, ready_r: int) -> bool:
+    """True once pasta has written its pid; False if it exits or takes too long."""
+    pid_fd = sc.pidfd_open(pid)
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(ready_r, selectors.EVENT_READ, "ready")
+        sel.register(pid_fd, selectors.EVENT_READ, "exit")
+        deadline = time.monotonic() + 30
+        while (left := deadline - time.monotonic()) > 0:
+            for key, _mask in sel.select(left):
+                if key.data == "exit":
+                    return False
+                try:
+                    if os.read(ready_r, 64).strip():
+                        return True
+                except BlockingIOError:
+                    continue
+        return False
+    finally:
+        sel.close()
+        os.close(pid_fd)
 
 
 def _reap(pid: int) -> None:
@@ -767,6 +944,12 @@ class Sandbox:
                 cgroup.remove()
             raise SandboxError(f"cannot start sandbox: {e}") from e
         sb._cgroup = cgroup
+        if spec.network and not ROOTLESS and USE_NETWORK_POOL:
+            entry = _NET_POOL.take()
+            if entry is not None:
+                plan.netns_fd, sb._pasta_pid = entry
+                plan.net_pooled = True
+                plan.unshare_flags &= ~sc.CLONE_NEWNET
         sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
         sb._thread.start()
         sb._forked.wait()
@@ -775,6 +958,7 @@ class Sandbox:
             sb._close_wake()
             if cgroup is not None:
                 cgroup.remove()
+            sb._stop_pasta()
             raise SandboxError(f"cannot start sandbox: {sb._spawn_error}") from sb._spawn_error
         # Return once the command is forked (or setup failed), so ``pid`` is known.
         sb._spawned.wait()
@@ -895,11 +1079,14 @@ class Sandbox:
     def _io_main(self) -> None:
         made: list[int] = []
         try:
-            for _ in range(4 + self._plan.network + self._plan.full_map):
+            wait_net = self._plan.network and not self._plan.net_pooled
+            for _ in range(4 + wait_net + self._plan.full_map):
                 made.extend(_pipe())
             stdin_r, stdin_w, out_r, out_w, err_r, err_w, st_r, st_w = made[:8]
             extra = made[8:]
-            go_r, self._netgo_w = (extra.pop(0), extra.pop(0)) if self._plan.network else (-1, -1)
+            go_r, self._netgo_w = (extra.pop(0), extra.pop(0)) if wait_net else (-1, -1)
+            if self._plan.net_pooled:  # the intermediate setns()es into it on fd 4
+                go_r, self._plan.netns_fd = self._plan.netns_fd, -1
             ugo_r, self._usergo_w = (extra.pop(0), extra.pop(0)) if extra else (-1, -1)
             child_ends = (stdin_r, out_w, err_w, st_w)
             self._t0 = time.monotonic()
@@ -907,6 +1094,9 @@ class Sandbox:
         except BaseException as e:  # EMFILE, EAGAIN...: start() raises it
             for fd in made:
                 os.close(fd)
+            if self._plan.netns_fd >= 0:
+                os.close(self._plan.netns_fd)
+                self._plan.netns_fd = -1
             self._netgo_w = self._usergo_w = -1
             self._spawn_error = e
             self._forked.set()
@@ -965,88 +1155,26 @@ class Sandbox:
             self._netgo_w = -1
 
     def _attach_network(self) -> None:
-        """Attach pasta to the intermediate's fresh network namespace, then let it go on.
-
-        pasta runs in the foreground as our child, with PDEATHSIG, and is stopped in
-        _finish: left alone it would hold the namespace (and itself) alive forever. It
-        drops privileges before joining a namespace, so it gets the namespace as an
-        inherited fd (its own /proc/self/fd entry is always openable). It writes its pid
-        file once the interface, addresses and routes are configured: the pid file is a
-        FIFO we read, which makes readiness an event instead of a poll.
-        """
-        assert PASTA is not None
+        """Attach pasta to the intermediate's fresh network namespace (pid 1 waits for
+        the answer on its go pipe before starting the command)."""
         answer = b"0"
-        scratch = tempfile.mkdtemp(prefix="contree-pasta-")
         fds: list[int] = []
         try:
-            ns_fd = os.open(f"/proc/{self._intermediate}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            fds.append(ns_fd)
-            pass_fds = [ns_fd]
+            fds.append(os.open(f"/proc/{self._intermediate}/ns/net", os.O_RDONLY | os.O_CLOEXEC))
             if self._plan.rootless:  # join the sandbox's user namespace first
-                user_fd = os.open(f"/proc/{self._intermediate}/ns/user",
-                                  os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
-                fds.append(user_fd)
-                pass_fds.append(user_fd)
-            fifo = os.path.join(scratch, "ready")
-            os.mkfifo(fifo, 0o600)
-            ready_r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            fds.append(ready_r)
-            err_r, err_w = os.pipe()
-            fds += [err_r, err_w]
-            who = (["--userns", "/proc/self/fd/4"] if self._plan.rootless
-                   else ["--runas", "0"])  # fmt: skip
-            argv = [PASTA, "-f", "--config-net", "--quiet", *who,
-                    "--netns", "/proc/self/fd/3", "--pid", fifo, "--dns-forward", PASTA_DNS,
-                    # Outbound NAT only: no port forwarding either way (pasta's default
-                    # "auto" would publish sandbox ports on the host and let the sandbox
-                    # reach the host's loopback services), no gateway → host mapping.
-                    "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]  # fmt: skip
-            parent = os.getpid()
-            pid = os.fork()
-            if pid == 0:
-                _exec_helper(parent, argv, pass_fds, err_w)
-            os.close(err_w)
-            fds.remove(err_w)
-            self._pasta_pid = pid
-            if self._wait_ready(pid, ready_r):
+                fds.append(os.open(f"/proc/{self._intermediate}/ns/user",
+                                   os.O_RDONLY | os.O_CLOEXEC))  # fmt: skip
+            pid, self._net_error = _start_pasta(fds[0], fds[1] if len(fds) > 1 else None)
+            if pid:
+                self._pasta_pid = pid
                 answer = b"1"
-            else:
-                os.set_blocking(err_r, False)
-                with contextlib.suppress(OSError):
-                    lines = os.read(err_r, 4096).decode(errors="replace").strip().splitlines()
-                    self._net_error = lines[-1] if lines else "pasta did not start"
-                if self._net_error is None:
-                    self._net_error = "pasta did not start"
         except OSError as e:
             self._net_error = str(e)
         finally:
             for fd in fds:
                 os.close(fd)
-            shutil.rmtree(scratch, ignore_errors=True)
         self._close_netgo(answer)
 
-    @staticmethod
-    def _wait_ready(pid: int, ready_r: int) -> bool:
-        """True once pasta has written its pid; False if it exits or takes too long."""
-        pid_fd = sc.pidfd_open(pid)
-        sel = selectors.DefaultSelector()
-        try:
-            sel.register(ready_r, selectors.EVENT_READ, "ready")
-            sel.register(pid_fd, selectors.EVENT_READ, "exit")
-            deadline = time.monotonic() + 30
-            while (left := deadline - time.monotonic()) > 0:
-                for key, _mask in sel.select(left):
-                    if key.data == "exit":
-                        return False
-                    try:
-                        if os.read(ready_r, 64).strip():
-                            return True
-                    except BlockingIOError:
-                        continue
-            return False
-        finally:
-            sel.close()
-            os.close(pid_fd)
 
     def _stop_pasta(self) -> None:
         # SIGKILL, then reap on a helper thread: pasta's exit closes its tap device, and

@@ -94,6 +94,9 @@ _umount2.restype = ctypes.c_int
 _unshare = _libc.unshare
 _unshare.argtypes = [ctypes.c_int]
 _unshare.restype = ctypes.c_int
+_setns = _libc.setns
+_setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_setns.restype = ctypes.c_int
 _sethostname = _libc.sethostname
 _sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _sethostname.restype = ctypes.c_int
@@ -130,6 +133,11 @@ def _check(res: int) -> int:
 def unshare(flags: int) -> None:
     """unshare(2)."""
     _check(_unshare(flags))
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): join the namespace ``fd`` refers to (this thread only)."""
+    _check(_setns(fd, nstype))
 
 
 def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int = 0,
