@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory, ThreadedAutoSuggest
-from prompt_toolkit.completion import ThreadedCompleter
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, ThreadedCompleter
+from prompt_toolkit.document import Document
 from prompt_toolkit.enums import EditingMode
 from prompt_toolkit.filters import to_filter
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import History, InMemoryHistory, ThreadedHistory
 from prompt_toolkit.layout.controls import BufferControl
-from prompt_toolkit.lexers import PygmentsLexer
+from prompt_toolkit.lexers import DynamicLexer, Lexer
 
 from contree_shell import output
 from contree_shell.output import set_output
 from contree_shell.shell import builtins, commands
-from contree_shell.shell.completion.completer import ContreeCompleter
 from contree_shell.shell.completion.sources import Sources
 from contree_shell.shell.context import ShellContext
 from contree_shell.shell.dispatch import INTERRUPTED, run_route
 from contree_shell.shell.fresh_line import ensure_fresh_line
 from contree_shell.shell.keys import create_key_bindings
-from contree_shell.shell.lexer import ContreeShellLexer
 from contree_shell.shell.paging import ShellOutput
 from contree_shell.shell.prompt import continuation, prompt_message
 from contree_shell.shell.router import Incomplete, ParseError, classify, split_commands
@@ -131,6 +131,23 @@ def _toolbar_under_the_input(session: PromptSession[str]) -> None:
             window.dont_extend_height = to_filter(True)
 
 
+class _LazyCompleter(Completer):
+    """Builds the real completer at the first Tab (on the completion thread), so its
+    imports are not paid before the first prompt."""
+
+    def __init__(self, factory: Callable[[], Completer]) -> None:
+        self._factory = factory
+        self._inner: Completer | None = None
+        self._lock = threading.Lock()
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent
+                        ) -> Iterator[Completion]:
+        with self._lock:
+            if self._inner is None:
+                self._inner = self._factory()
+        yield from self._inner.get_completions(document, complete_event)
+
+
 class _ShellSession(PromptSession[str]):
     """A PromptSession whose bottom toolbar can hide itself.
 
@@ -168,25 +185,18 @@ class Repl:
         history: History = InMemoryHistory()
         if sh.history is not None:
             history = ThreadedHistory(_prompt_history(sh.history))
-        completer = ContreeCompleter(
-            self.sources,
-            parser=commands.shell_parser,
-            builtins=builtins.help_map,
-            cwd=sh.cwd,
-            image=sh.image,
-            fuzzy=self.settings.fuzzy,
-        )
+        self._lexer: Lexer | None = None
         self.session = _ShellSession(
             toolbar_visible=self._toolbar_visible,
             message=self._message,
             bottom_toolbar=self._toolbar,
             prompt_continuation=continuation,
             history=history,
-            completer=ThreadedCompleter(completer),
+            completer=ThreadedCompleter(_LazyCompleter(self._make_completer)),
             complete_while_typing=False,
             auto_suggest=(ThreadedAutoSuggest(AutoSuggestFromHistory())
                           if self.settings.auto_suggest else None),
-            lexer=PygmentsLexer(ContreeShellLexer) if self.settings.highlight else None,
+            lexer=DynamicLexer(lambda: self._lexer),
             style=style_factory(self.settings.style, self.settings.colors),
             include_default_pygments_style=False,
             key_bindings=create_key_bindings(self.settings),
@@ -198,11 +208,30 @@ class Repl:
         self.session.app.after_render += self._first_frame_drawn
         _toolbar_under_the_input(self.session)
 
+    def _make_completer(self) -> Completer:
+        from contree_shell.shell.completion.completer import ContreeCompleter
+
+        return ContreeCompleter(
+            self.sources,
+            parser=commands.shell_parser,
+            builtins=builtins.help_map,
+            cwd=self.sh.cwd,
+            image=self.sh.image,
+            fuzzy=self.settings.fuzzy,
+        )
+
     def _first_frame_drawn(self, _app: Any) -> None:
-        """The prompt is on screen: now connect and look up the image tag."""
+        """The prompt is on screen: now connect, look up the image tag and load the
+        highlighter (nothing to colour before the first key anyway)."""
         self.session.app.after_render -= self._first_frame_drawn
         self.sh.start_connecting()
         self.labels.ready.set()
+        if self.settings.highlight:
+            from prompt_toolkit.lexers import PygmentsLexer
+
+            from contree_shell.shell.lexer import ContreeShellLexer
+
+            self._lexer = PygmentsLexer(ContreeShellLexer)
 
     def _redraw(self) -> None:
         app = self.session.app

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +86,8 @@ def config_path() -> Path:
 
 def template_text() -> str:
     """The commented default settings file shipped with the package."""
+    from importlib import resources
+
     return resources.files("contree_shell.shell").joinpath("shell.toml").read_text("utf-8")
 
 
