@@ -7,6 +7,9 @@ unshares its cgroup namespace, so everything in the sandbox inherits them.
 
 Controllers: memory (hard limit, no extra swap), pids (max tasks), cpu (CFS quota).
 A controller is taken from cgroup2 when the unified hierarchy offers it, else from v1.
+:func:`startup_report` gives the server one-line warnings for missing controllers (and
+for rootless mode, where no limits apply); :func:`limits_available` feeds
+``runtime.mode()``.
 """
 
 from __future__ import annotations

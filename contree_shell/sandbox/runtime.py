@@ -20,12 +20,43 @@ After fork, children call only ``os`` functions and the pre-resolved ctypes wrap
 
 Children report to the server on a status pipe (fd 3 in the children), one line each::
 
-    N                              from the intermediate (network runs): namespace ready
-                                   for pasta; it then waits for a byte on fd 4
+    U                              from the intermediate (rootless, full uid map): its
+                                   user namespace exists; it waits on fd 5 while the
+                                   server runs newuidmap/newgidmap
+    N                              from the intermediate (network runs without a pooled
+                                   namespace): its network namespace exists; the server
+                                   attaches pasta while the children build the root, and
+                                   pid 1 waits for the answer on fd 4 before the command
     P <host pid of pid 1>          from the intermediate
     S <namespace pid of command>   from pid 1, once the command is forked
+    R                              from pid 1: the command exec'd (or failed to, with its
+                                   E line first). The command holds a close-on-exec pipe
+                                   until execve; EOF is the event. Signals asked for
+                                   before R are queued and delivered on R, so they hit
+                                   the real program (Sandbox.wait_exec waits for it).
     E <stage> <errno>              a setup step (or exec) failed
     X <wait status> <15 rusage counters>   from pid 1 when the command has exited
+
+Network (pasta, user-mode NAT): a run takes a namespace from a small pool that already
+has pasta attached and configured (the intermediate setns()es into it: ~+4 ms per run
+instead of ~+20 ms of pasta start-up); with the pool empty it attaches pasta while the
+root is being built. pasta is SIGKILLed when the run ends and reaped in the background:
+its exit unregisters the tap device, which waits for RCU grace periods (20-50 ms).
+pasta from passt 2023-03 sometimes drops the FIN of a peer that closes right after
+sending (seen before and after these changes).
+
+Rootless (server run by an unprivileged user): each run first enters a user namespace
+whose root is that user; with newuidmap/newgidmap and an /etc/subuid + /etc/subgid range
+the range is mapped from 1 ("full"), else only root is mapped ("single": setgroups is
+denied, other uids are unusable, devpts has no tty gid). The overlay uses ``userxattr``:
+its markers are ``user.overlay.*``, while the store's whiteout/opaque format is the
+kernel's ``trusted.*`` (root); layers committed by one mode are not fully understood by
+the other (opaque dirs), which is a known limitation. No cgroup limits (logged once);
+network only if /dev/net/tun is usable by the user. :func:`mode` describes all this.
+
+rusage: ``max_rss_kb`` from wait4 includes the forked server's pages the command held
+before exec (~14 MB); with a memory cgroup (limits on) the smaller of it and the
+cgroup's peak is reported, otherwise it over-reports small programs by that much.
 """
 
 from __future__ import annotations
