@@ -6,6 +6,7 @@ no prompts, every command in order, exit status of the last one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -150,3 +151,28 @@ def test_contree_commands_work_inside_the_shell(
     assert "busybox" in out
     assert "Settings (editing mode" in out
     assert "[ERROR]" not in err and "Traceback" not in err
+
+
+def test_a_long_command_ends_with_its_status_and_duration(
+    server: LocalServer, session_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from contree_shell import output
+    from contree_shell.cli.main import make_context
+    from contree_shell.shell import dispatch
+    from contree_shell.shell.context import ShellContext
+    from contree_shell.shell.router import RemoteShell
+
+    for key, value in session_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dispatch, "LONG_RUN", 0.0)  # every command counts as long here
+    out, err = io.StringIO(), io.StringIO()
+    previous = output.set_output(output.Output(out, err))
+    try:
+        sh = ShellContext(make_context(in_shell=True))
+        assert dispatch.run_route(sh, RemoteShell("exit 3")) == 3
+    finally:
+        output.set_output(previous)
+    assert re.search(r"exit 3 · \d", err.getvalue())
+    assert sh.last.status == 3 and sh.last.duration > 0
