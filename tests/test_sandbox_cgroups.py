@@ -158,3 +158,27 @@ def test_fork_bomb_ends_its_run_only(image: Path, tmp_path: Path) -> None:
         bomb_info = bomb.wait(120)
     assert bomb_info is not None and bomb_info.timed_out
     assert b"can't fork" in bomb_out or b"Resource temporarily unavailable" in bomb_out
+
+
+@pytest.mark.root
+def test_max_rss_with_a_memory_limit_leaves_out_the_forked_server(image: Path,
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    if "memory" in cgroups.missing_controllers():
+        pytest.skip("no memory controller")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain, _ = run(image, tmp_path / "a", "true", Limits())
+    limited, _ = run(image, tmp_path / "b", "true", Limits(memory_bytes=256 << 20))
+    assert 0 < limited.rusage["max_rss_kb"] < plain.rusage["max_rss_kb"]
+
+
+@pytest.mark.root
+def test_runtime_mode_as_root_reports_host_ids_and_limits() -> None:
+    from contree_shell.sandbox import runtime
+
+    mode = runtime.mode()
+    assert mode["mode"] == "root" and mode["uid_map"] == "host"
+    assert mode["limits"] == (cgroups.missing_controllers() != list(cgroups.CONTROLLERS))
+    assert mode["network"] == runtime.NETWORK_SUPPORTED
+    name, ok, _detail = runtime.preflight()[0]
+    assert name == "runtime" and ok
