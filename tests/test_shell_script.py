@@ -176,3 +176,10 @@ def test_a_long_command_ends_with_its_status_and_duration(
         output.set_output(previous)
     assert re.search(r"exit 3 · \d", err.getvalue())
     assert sh.last.status == 3 and sh.last.duration > 0
+
+
+def test_images_complete_by_tag_and_by_uuid_prefix(server: LocalServer, completer: object
+                                                    ) -> None:
+    assert "tag:busybox:latest" in complete(completer, "contree use tag:bu")
+    assert complete(completer, f"contree use {server.busybox[:6]}") == [server.busybox]
+    assert server.busybox not in complete(completer, "contree use ")

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Contree commands that make no sense inside the shell are not offered there.
 _HIDDEN_IN_SHELL = {"shell", "sh"}
+_HEXISH = re.compile(r"^[0-9a-f]{2,}[0-9a-f-]*$")
 _UNSAFE = re.compile(r"([^\w@%+=:,./-])")
 
 
@@ -126,7 +127,11 @@ class ContreeCompleter(Completer):
         if isinstance(suggestion, Choices):
             return _values(word, ((v, "") for v in suggestion.values), match)
         if isinstance(suggestion, Source):
-            return _values(word, self._source(suggestion.name), match)
+            values = self._source(suggestion.name)
+            if suggestion.name == "image" and not _HEXISH.match(word.value):
+                # uuids of tagged images only when the typed text could start one
+                values = [(v, m) for v, m in values if not m.startswith("tag:")]
+            return _values(word, values, match)
         if isinstance(suggestion, SandboxPath):
             return self._paths(word, suggestion.dirs_only, match)
         if isinstance(suggestion, HostPath):

@@ -209,7 +209,8 @@ class Sources:
             return []
 
     def images(self) -> list[tuple[str, str]]:
-        """(`tag:NAME` or uuid, meta) for the first page of images."""
+        """(`tag:NAME` or uuid, meta) for the first page of images; a tagged image is
+        listed under its uuid too (meta `tag:NAME`), for typed text that looks hex."""
 
         def fetch() -> list[list[str]]:
             rows = self._client().list_images(limit=100)
@@ -219,6 +220,8 @@ class Sources:
                 tag = row.get("tag")
                 if tag:
                     out.append([f"tag:{tag}", uuid[:8]])
+                    if uuid:
+                        out.append([uuid, f"tag:{tag}"])
                 elif uuid:
                     out.append([uuid, "untagged"])
             return out
