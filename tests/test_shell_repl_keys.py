@@ -252,3 +252,13 @@ def test_history_skips_repeats_and_lines_starting_with_a_space(
         pipe.send_text(line + ENTER)
         repl.read()
     assert shell.history.lines() == ["pwd", "history"]
+
+
+def test_lines_a_finished_command_never_received_reach_the_next_prompt(
+    shell: ShellContext, pipe: PipeInput
+) -> None:
+    from contree_shell.shell.repl import feed_type_ahead
+
+    repl = Repl(shell)
+    feed_type_ahead(repl.session.input, b"pwd\n")
+    assert repl.read() == "pwd"
