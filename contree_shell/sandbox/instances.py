@@ -1004,9 +1004,9 @@ class InstanceManager:
                 on_exit=lambda res: self._on_proc_exit(run, proc, res),
             )
         except ExecError as exc:
-            proc.spawn_recorded.set()
             with run.lock:
                 run.procs.pop(spid, None)
+            proc.spawn_recorded.set()
             if run.closed or sandbox.done():
                 raise Conflict("the instance is not running") from exc
             # Most often the instance is ending right now (its pid namespace refuses
@@ -1101,6 +1101,8 @@ class InstanceManager:
             proc.stdin_open = False
             # `spawn` first: the process may end before exec() has recorded it.
             proc.spawn_recorded.wait(timeout=10)
+            if proc.process is None:
+                return  # it never started (exec() answered with an error): no events
             if res.signal == signal_mod.SIGKILL and not proc.signalled:
                 # Killed with its sandbox: spid 1's exit comes first in the log (§4.9).
                 run.main_exit_recorded.wait(timeout=2)
