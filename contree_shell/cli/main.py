@@ -15,17 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from contree_shell import __version__
-from contree_shell.cli import (
-    auth,
-    completion,
-    files,
-    images,
-    inspect,
-    navigate,
-    operations,
-    run,
-    session,
-)
 from contree_shell.cli.context import FORMATS, Context
 from contree_shell.cli.errors import CliError, CliHelp, CliUsageError
 from contree_shell.cli.parser import CliParser, ShellParser, add_subcommands
@@ -54,11 +43,34 @@ def version_string() -> str:
     return f"contree-shell/{__version__} Python/{platform.python_version()} {platform.system()}"
 
 
-def build_parser(*, for_shell: bool = False) -> argparse.ArgumentParser:
+# Global options that take a value: skipped when looking for the command word.
+_GLOBAL_WITH_VALUE = frozenset(
+    {"-p", "--profile", "-S", "--session", "-o", "--format", "--output", "--token", "--url",
+     "--project"}
+)
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand of `argv` (the first word after the global options), if any."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif token == "--" or not token.startswith("-"):
+            return None if token == "--" else token
+    return None
+
+
+def build_parser(*, for_shell: bool = False, shell_only: bool = False) -> argparse.ArgumentParser:
     """The whole `contree` parser tree.
 
     With `for_shell=True`, a usage error raises `CliUsageError(message, usage)` and
-    `--help` raises `CliHelp(text)` instead of printing and exiting.
+    `--help` raises `CliHelp(text)` instead of printing and exiting. `shell_only=True`
+    builds just the global options and `shell`: `contree shell` reaches its first prompt
+    without importing every command module (the shell builds the full tree later, when
+    a `contree …` line or Tab first needs it).
     """
     cls = ShellParser if for_shell else CliParser
     parser = cls(
@@ -82,6 +94,21 @@ def build_parser(*, for_shell: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--project", help="API project for this call only")
 
     sub = add_subcommands(parser, dest="command")
+    if shell_only:
+        _register_shell(sub)
+        return parser
+    from contree_shell.cli import (
+        auth,
+        completion,
+        files,
+        images,
+        inspect,
+        navigate,
+        operations,
+        run,
+        session,
+    )
+
     images.register_use(sub)
     run.register(sub)
     inspect.register(sub)
@@ -249,10 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from contree_shell.output import write_stdout
 
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == [completion.HIDDEN_COMMAND]:
+    if args_list[:1] == ["__complete"]:
         # Tab in bash/zsh/fish: never parsed as a command, never shown in help.
+        from contree_shell.cli import completion
+
         return completion.complete_main(args_list[1:])
-    parser = build_parser()
+    parser = build_parser(shell_only=command_word(args_list) in ("shell", "sh"))
     if not args_list:
         write_stdout(parser.format_help().encode())
         return 0

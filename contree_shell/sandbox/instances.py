@@ -26,7 +26,6 @@ import shutil
 import signal as signal_mod
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +44,38 @@ from contree_shell.sandbox.operations import (
 log = logging.getLogger("contree.instances")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def compose_env(
+    image_env: dict[str, str], request_env: dict[str, str | None], *, shell: bool, home: str
+) -> dict[str, str]:
+    """A process's environment (§4.2): shell mode starts from the image's env, the
+    request's values win and a null unsets; PATH and HOME get defaults, as a login would."""
+    env: dict[str, str] = dict(image_env) if shell else {}
+    for key, value in request_env.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOME", home)
+    return env
+
+
+def _read_passwd(view: Any) -> str:
+    try:
+        return bytes(view.read("/etc/passwd")).decode(errors="replace")
+    except Exception:  # no passwd in the image: defaults below apply
+        return ""
+
+
+def home_of(passwd: str, uid: int) -> str:
+    """The home directory of `uid` in an image's passwd text (root: /root; unknown: /)."""
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[2] == str(uid):
+            return fields[5] or "/"
+    return "/root" if uid == 0 else "/"
 DEFAULT_TIMEOUT = 600
 MAX_TIMEOUT = 3600
 DEFAULT_TRUNCATE = 1048576
@@ -384,6 +415,7 @@ class _Run:
     closed: bool = False  # no more events may be appended (the op is terminal)
     cancel_reason: str | None = None
     image_env: dict[str, str] = field(default_factory=dict)
+    passwd: str = ""  # the image's /etc/passwd, for HOME of processes started later
     default_cwd: str = "/"
     signalled: bool = False
     pending_signal: int | None = None
@@ -546,7 +578,8 @@ class InstanceManager:
                 run.pending_signal = sig
                 return
             sandbox = run.sandbox
-        _wait_until_exec(sandbox)
+        # The runtime queues a signal until the command has exec'd, so it always reaches
+        # the real program.
         try:
             sandbox.signal(sig)
         except ProcessLookupError as exc:
@@ -705,14 +738,9 @@ class InstanceManager:
             if spec["files"]:
                 self._materialize(ImageView(layers), Path(rundir.upper), spec["files"])
 
-            # Environment (§4.2): shell mode inherits the image env; null unsets.
-            env: dict[str, str] = dict(image_env) if spec["shell"] else {}
-            for k, v in run.raw_env.items():
-                if v is None:
-                    env.pop(k, None)
-                else:
-                    env[k] = v
-            env.setdefault("PATH", DEFAULT_PATH)
+            run.passwd = _read_passwd(ImageView(layers))
+            env = compose_env(image_env, run.raw_env, shell=spec["shell"],
+                              home=home_of(run.passwd, spec["uid"]))
             if spec["shell"]:
                 shell = run.raw_env.get("SHELL") or "/bin/sh"
                 argv = [shell, "-c", spec["command"]]
@@ -765,7 +793,6 @@ class InstanceManager:
             run.started.set()
             watcher = self._watch_layer_size(run, sandbox, Path(rundir.upper))
             if run.pending_signal is not None:
-                _wait_until_exec(sandbox)
                 sandbox.signal(run.pending_signal)
             self._feed_initial_stdin(run, stdin_data, stdin["close"])
             info = sandbox.wait()
@@ -976,13 +1003,8 @@ class InstanceManager:
             run.next_spid += 1
             proc = _Proc(spid=spid, truncate_at=espec["truncate_output_at"])
             run.procs[spid] = proc
-        env: dict[str, str] = dict(run.image_env) if espec["shell"] else {}
-        for k, v in espec["env"].items():
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-        env.setdefault("PATH", DEFAULT_PATH)
+        env = compose_env(run.image_env, espec["env"], shell=espec["shell"],
+                          home=home_of(run.passwd, espec["uid"]))
         if espec["shell"]:
             argv = [espec["env"].get("SHELL") or "/bin/sh", "-c", espec["command"]]
         else:
@@ -1443,36 +1465,6 @@ def _nameserver(sandbox: Any) -> str | None:
                 if len(f) >= 2 and f[0] == "nameserver":
                     return f[1]
     return None
-
-
-def _wait_until_exec(sandbox: Any, limit: float = 2.0) -> None:
-    """Wait until the command has called setsid() and exec'd, so a signal reaches it.
-
-    The runtime reports the command's pid as soon as pid 1 forks it; a signal sent
-    before the child's setsid() finds no process group and is lost, and one sent
-    before exec hits the half-set-up child. Until the runtime reports "exec done"
-    itself, look at the child through /proc: its own process group, and a name
-    other than pid 1's ("contree-init"), which it keeps until exec.
-    """
-    pid1 = int(getattr(sandbox, "_pid1", 0) or 0)
-    if not pid1:
-        return
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and not sandbox.done():
-        try:
-            with open(f"/proc/{pid1}/task/{pid1}/children") as fh:
-                children = fh.read().split()
-            if children:
-                child = children[0]
-                with open(f"/proc/{child}/comm") as fh:
-                    comm = fh.read().strip()
-                with open(f"/proc/{child}/stat") as fh:
-                    pgrp = int(fh.read().rsplit(")", 1)[1].split()[2])
-                if comm != "contree-init" and pgrp == int(child):
-                    return
-        except (OSError, ValueError, IndexError):
-            return
-        time.sleep(0.002)  # no event exists for "exec done"; bounded, rare (signals only)
 
 
 def _resolve_in_image(view: Any, upper: Path, path: str) -> str:

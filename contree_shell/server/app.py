@@ -787,19 +787,6 @@ async def whoami(request: Request) -> Response:
     )
 
 
-async def openapi_spec(request: Request) -> Response:
-    """The API contract this server implements (the official Contree API v1 spec)."""
-    spec = await run_in_threadpool(_spec_text)
-    return Response(spec, media_type="application/yaml")
-
-
-def _spec_text() -> bytes:
-    try:
-        return (Path(__file__).with_name("openapi.yaml")).read_bytes()
-    except FileNotFoundError:
-        raise ApiError(404, "this installation does not ship the API spec") from None
-
-
 class TokenAuth:
     """Require `Authorization: Bearer <token>` on TCP connections (unix socket: none)."""
 
@@ -829,7 +816,6 @@ class TokenAuth:
 
 ROUTES = [
     Route("/v1/whoami", whoami, methods=["GET"]),
-    Route("/v1/openapi.yaml", openapi_spec, methods=["GET"]),
     Route("/v1/images", list_images, methods=["GET"]),
     Route("/v1/images/import", import_image, methods=["POST"]),
     Route("/v1/images/{uuid}/tag", tag_image, methods=["PATCH"]),
