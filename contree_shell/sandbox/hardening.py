@@ -21,6 +21,7 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from contree_shell.sandbox import syscalls as sc
 
@@ -285,3 +286,15 @@ def bind_private_file(scratch: bytes, target: bytes, content: bytes) -> None:
         os.close(fd)
     sc.mount(scratch, target, None, sc.MS_BIND)
     os.unlink(scratch)
+
+
+def exit_line(status: int, ru: Any) -> bytes:
+    """The status-pipe record of a reaped process: `X <wait status> <15 rusage counters>`.
+
+    Called in forked children (pid 1, the exec helper): bytes formatting only.
+    """
+    counters = (int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6), ru.ru_maxrss, ru.ru_ixrss,
+                ru.ru_idrss + ru.ru_isrss, ru.ru_nswap, ru.ru_minflt, ru.ru_majflt,
+                ru.ru_nvcsw, ru.ru_nivcsw, ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd,
+                ru.ru_msgrcv, ru.ru_nsignals)  # fmt: skip
+    return b"X %d " % status + b" ".join(b"%d" % c for c in counters) + b"\n"

@@ -91,6 +91,40 @@ _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
 _SECRET_SUFFIXES = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIALS", "AUTHORIZATION")
 
 
+def _args_field(body: dict[str, Any]) -> list[str]:
+    """`args` of a spawn or exec request: a list of strings (absent or null: [])."""
+    args = body.get("args")
+    if args is None:
+        return []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise RequestError(400, "'args' must be a list of strings")
+    return args
+
+
+def _env_field(body: dict[str, Any]) -> dict[str, str | None]:
+    """`env` of a spawn or exec request: names to strings, null meaning "unset"."""
+    env = body.get("env")
+    if env is None:
+        return {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in env.items()
+    ):
+        raise RequestError(400, "'env' must be an object of string values")
+    if any(not k or "=" in k or "\0" in k for k in env):
+        raise RequestError(400, "'env' names must be non-empty and contain no '='")
+    return env
+
+
+def _cwd_field(body: dict[str, Any]) -> str:
+    """`cwd` of a spawn or exec request: an absolute path, or "" for the image default."""
+    cwd = body.get("cwd")
+    if cwd is None:
+        return ""
+    if not isinstance(cwd, str) or not _CWD_RE.match(cwd) or "\0" in cwd:
+        raise RequestError(400, "'cwd' must be an absolute path or empty")
+    return cwd
+
+
 class RequestError(Exception):
     """A client error with its HTTP status (400 bad input, 404 unknown reference...)."""
 
@@ -216,25 +250,9 @@ def normalize_spawn_request(
     elif not is_uuid(image_ref):
         raise RequestError(400, f"'image' must be an image uuid or tag:NAME, got {image_ref!r}")
     shell = _bool(body, "shell", False)
-    args = body.get("args")
-    if args is None:
-        args = []
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise RequestError(400, "'args' must be a list of strings")
-    env = body.get("env")
-    if env is None:
-        env = {}
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in env.items()
-    ):
-        raise RequestError(400, "'env' must be an object of string values")
-    if any(not k or "=" in k or "\0" in k for k in env):
-        raise RequestError(400, "'env' names must be non-empty and contain no '='")
-    cwd = body.get("cwd")
-    if cwd is None:
-        cwd = ""
-    if not isinstance(cwd, str) or not _CWD_RE.match(cwd) or "\0" in cwd:
-        raise RequestError(400, "'cwd' must be an absolute path or empty")
+    args = _args_field(body)
+    env = _env_field(body)
+    cwd = _cwd_field(body)
     hostname = body.get("hostname")
     if hostname is None or hostname == "":
         hostname = "linuxkit"
@@ -1306,27 +1324,11 @@ def normalize_exec_request(body: Any) -> dict[str, Any]:
     if not isinstance(command, str) or not command:
         raise RequestError(400, "'command' is required and must be a non-empty string")
     shell = _bool(body, "shell", False)
-    args = body.get("args")
-    if args is None:
-        args = []
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise RequestError(400, "'args' must be a list of strings")
+    args = _args_field(body)
     if shell and args:
         raise RequestError(400, "'args' must be empty when 'shell' is true")
-    env = body.get("env")
-    if env is None:
-        env = {}
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in env.items()
-    ):
-        raise RequestError(400, "'env' must be an object of string values")
-    if any(not k or "=" in k or "\0" in k for k in env):
-        raise RequestError(400, "'env' names must be non-empty and contain no '='")
-    cwd = body.get("cwd")
-    if cwd is None:
-        cwd = ""
-    if not isinstance(cwd, str) or not _CWD_RE.match(cwd) or "\0" in cwd:
-        raise RequestError(400, "'cwd' must be an absolute path or empty")
+    env = _env_field(body)
+    cwd = _cwd_field(body)
     if len(cwd) > 1:
         cwd = cwd.rstrip("/")
     truncate = body.get("truncate_output_at")

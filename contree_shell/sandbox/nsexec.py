@@ -159,11 +159,7 @@ def _child(ns_pid_fd: int, user_fd: int, late: list[int], procs: list[bytes], cw
         for fd in (0, 1, 2):
             os.close(fd)
         _pid, status, ru = os.wait4(pid, 0)
-        counters = (int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6), ru.ru_maxrss, ru.ru_ixrss,
-                    ru.ru_idrss + ru.ru_isrss, ru.ru_nswap, ru.ru_minflt, ru.ru_majflt,
-                    ru.ru_nvcsw, ru.ru_nivcsw, ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd,
-                    ru.ru_msgrcv, ru.ru_nsignals)  # fmt: skip
-        _report(b"X %d " % status + b" ".join(b"%d" % c for c in counters) + b"\n")
+        _report(hardening.exit_line(status, ru))
         code = 0
     except BaseException as e:
         _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))

@@ -498,7 +498,7 @@ def _grep(state: ServerState, image_uuid: str, params: dict[str, Any]) -> dict[s
         try:
             result: dict[str, Any] = grep_mod.grep(view, **params)
         except PathNotFound as exc:
-            raise ApiError(404, f"no such file or directory: {exc}") from None
+            raise ApiError(404, f"no such file or directory: {exc.filename or exc}") from None
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
     return result
