@@ -487,10 +487,17 @@ class InstanceManager:
         network_supported: bool = True,
         default_network: bool = True,
         limits: Any = None,
+        keep_mtime_only: bool = False,
     ) -> None:
-        """`limits` (cgroups.Limits or None) applies to every run of this server."""
+        """`limits` (cgroups.Limits or None) applies to every run of this server.
+
+        `keep_mtime_only` is the snapshot mtime policy: False (ignore) lets a run that
+        only touched files keep its parent's image; True (keep) commits such a run as a
+        new image.
+        """
         self.store = store
         self.limits = limits
+        self.keep_mtime_only = keep_mtime_only
         self.ops = ops
         self.files = files
         self.default_timeout = default_timeout
@@ -949,7 +956,13 @@ class InstanceManager:
         committed = False
         if not spec["disposable"]:
             new_config = self._new_config(run, config, cwd)
-            res = self.store.commit(spec["image"], rundir, operation_uuid=run.op, config=new_config)
+            res = self.store.commit(
+                spec["image"],
+                rundir,
+                operation_uuid=run.op,
+                config=new_config,
+                keep_mtime_only=self.keep_mtime_only,
+            )
             committed = True
             result_image = str(res.image)
             image_size = int(res.size_bytes) if res.changed else 0

@@ -33,7 +33,13 @@ def _home(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         limits = {"memory": args.memory, "pids": args.pids, "cpus": args.cpus}
-        return daemon.run_server(_home(args), args.listen, log_level=args.log_level, limits=limits)
+        return daemon.run_server(
+            _home(args),
+            args.listen,
+            log_level=args.log_level,
+            limits=limits,
+            snapshot_mtime=args.snapshot_mtime,
+        )
     except daemon.ServerError as exc:
         _err(str(exc))
         return 1
@@ -72,6 +78,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"store:      {info['store']}",
         f"images:     {info['images']}",
         f"operations: {info['operations']}",
+        f"snapshot mtime: {info.get('snapshot_mtime', '')}",
         "preflight:",
     ]
     lines += [
@@ -131,6 +138,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--pids", metavar="N", help="process limit per run (env CONTREE_LIMIT_PIDS)")
     run.add_argument(
         "--cpus", metavar="N", help="CPU limit per run, e.g. 0.5 (env CONTREE_LIMIT_CPUS)"
+    )
+    run.add_argument(
+        "--snapshot-mtime",
+        choices=list(daemon.SNAPSHOT_MTIME_POLICIES),
+        help="ignore (default): a run that only changes mtimes keeps its parent image; "
+        "keep: such a run commits a new image (env CONTREE_SNAPSHOT_MTIME)",
     )
     start = add("start", cmd_start, "start the server in the background")
     start.add_argument("--listen", metavar="HOST:PORT", help="also serve TCP")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -299,7 +300,31 @@ def server_limits(
     return limits if limits.controllers() else None
 
 
-def build_state(home: Path, token: str | None, limits: Any = None) -> Any:
+SNAPSHOT_MTIME_POLICIES = ("ignore", "keep")
+SETTINGS_NAME = "settings.json"
+
+
+def snapshot_mtime_policy(value: str | None = None) -> str:
+    """The snapshot mtime policy from the setting, else CONTREE_SNAPSHOT_MTIME, else
+    "ignore".
+
+    "ignore": a file whose only change is its mtime (e.g. `touch`) is not a change, so a
+    run that only touches files keeps its parent's image uuid. "keep": an mtime-only
+    change is committed like any other, giving a new image.
+    """
+    raw = value or os.environ.get("CONTREE_SNAPSHOT_MTIME") or "ignore"
+    policy = raw.strip().lower()
+    if policy not in SNAPSHOT_MTIME_POLICIES:
+        raise ServerStartError(
+            f"invalid snapshot mtime policy {raw!r}: expected one of "
+            + ", ".join(SNAPSHOT_MTIME_POLICIES)
+        )
+    return policy
+
+
+def build_state(
+    home: Path, token: str | None, limits: Any = None, snapshot_mtime: str = "ignore"
+) -> Any:
     """Open the databases and the store, recover from a previous crash, build managers."""
     from contree_shell.sandbox.files import FileStore
     from contree_shell.sandbox.imports import ImportManager
@@ -334,6 +359,7 @@ def build_state(home: Path, token: str | None, limits: Any = None) -> Any:
         network_supported=_network_supported(),
         default_network=default_network,
         limits=limits,
+        keep_mtime_only=snapshot_mtime == "keep",
     )
     imports = ImportManager(store=store, store_root=store_root, ops=ops)
     return ServerState(
@@ -361,8 +387,13 @@ def run_server(
     listen: str | None = None,
     log_level: str = "info",
     limits: dict[str, str | None] | None = None,
+    snapshot_mtime: str | None = None,
 ) -> int:
-    """Serve in the foreground until SIGTERM/SIGINT. Returns the exit status."""
+    """Serve in the foreground until SIGTERM/SIGINT. Returns the exit status.
+
+    `snapshot_mtime` ("ignore"/"keep", else CONTREE_SNAPSHOT_MTIME) is the commit mtime
+    policy, see snapshot_mtime_policy().
+    """
     import uvicorn
 
     from contree_shell.server.app import create_app
@@ -372,6 +403,7 @@ def run_server(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    mtime_policy = snapshot_mtime_policy(snapshot_mtime)
     require_preflight()
     # Runs hop between threads (request loop, worker, sandbox I/O thread) several times;
     # with the default 5 ms GIL switch interval each hop can wait a whole interval, which
@@ -389,8 +421,11 @@ def run_server(
     if listen:
         token = ensure_token(home)
         sockets.append(_bind_tcp(listen))
-    state = build_state(home, token, server_limits(**(limits or {})))
+    run_limits = server_limits(**(limits or {}))
+    state = build_state(home, token, run_limits, snapshot_mtime=mtime_policy)
     (home / PID_NAME).write_text(f"{os.getpid()}\n")
+    # What this server runs with, for `contree server status` (the API has no place for it).
+    _write_settings(home, {"snapshot_mtime": mtime_policy, "limits": _limits_dict(run_limits)})
     config = uvicorn.Config(
         create_app(state),
         log_level=log_level.lower(),
@@ -427,8 +462,32 @@ def run_server(
             socket_path(home).unlink()
         with contextlib.suppress(FileNotFoundError):
             (home / PID_NAME).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (home / SETTINGS_NAME).unlink()
         os.close(lock_fd)
     return 0
+
+
+def _limits_dict(limits: Any) -> dict[str, Any]:
+    if limits is None:
+        return {}
+    names = ("memory_bytes", "pids", "cpus")
+    return {n: getattr(limits, n) for n in names if getattr(limits, n, None) is not None}
+
+
+def _write_settings(home: Path, settings: dict[str, Any]) -> None:
+    tmp = home / (SETTINGS_NAME + ".tmp")
+    tmp.write_text(json.dumps(settings) + "\n")
+    os.replace(tmp, home / SETTINGS_NAME)
+
+
+def read_settings(home: Path) -> dict[str, Any]:
+    """The settings the running server wrote at start; {} if there are none."""
+    try:
+        data = json.loads((home / SETTINGS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------- background
@@ -573,6 +632,17 @@ def status(home: Path | None = None) -> dict[str, Any]:
         else _count_ops(home),
         "preflight": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in preflight()],
     }
+    # The running server's settings; without one, what a server started now would use.
+    settings = read_settings(home) if answer is not None else {}
+    mtime = settings.get("snapshot_mtime")
+    if mtime not in SNAPSHOT_MTIME_POLICIES:
+        try:
+            mtime = snapshot_mtime_policy()
+        except ServerStartError:
+            mtime = os.environ.get("CONTREE_SNAPSHOT_MTIME", "")
+    info["snapshot_mtime"] = mtime
+    if settings.get("limits"):
+        info["limits"] = settings["limits"]
     return info
 
 
