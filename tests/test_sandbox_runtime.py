@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -615,14 +616,28 @@ def test_network_on_reaches_another_host_through_nat_but_not_host_loopback(
 def test_each_network_run_gets_a_fresh_namespace_with_or_without_the_pool(
         runner: Callable[..., Run], monkeypatch: pytest.MonkeyPatch, pool: bool) -> None:  # fmt: skip
     monkeypatch.setattr(runtime, "USE_NETWORK_POOL", pool)
-    seen = set()
+    # All three runs stay alive (blocked on stdin) until each has reported: the kernel
+    # reuses the inode number of a dead namespace, so only live ones prove freshness.
+    runs = []
     for _ in range(3):
-        run = runner("readlink /proc/self/ns/net; ip -4 route | grep -c '^default'",
-                     network=True)  # fmt: skip
-        info = run.wait()
-        assert info.exit_code == 0 and info.error is None
+        reported = threading.Event()
+        run = runner("readlink /proc/self/ns/net; ip -4 route | grep -c '^default'; read x; exit 0",
+                     network=True, stdin_open=True,
+                     on_chunk=lambda _s, _c, r=reported: r.set())  # fmt: skip
+        runs.append((run, reported))
+    seen = set()
+    for run, reported in runs:
+        deadline = time.monotonic() + 30
+        while bytes(run.stdout).count(b"\n") < 2 and time.monotonic() < deadline:
+            reported.wait(1)
+            reported.clear()
         ns, routes = bytes(run.stdout).decode().split()
         assert routes == "1"
         seen.add(ns)
+    for run, _ in runs:
+        assert run.sandbox is not None
+        run.sandbox.close_stdin()
+        info = run.wait()
+        assert info.exit_code == 0 and info.error is None
     assert len(seen) == 3
     assert ns != os.readlink("/proc/self/ns/net")
