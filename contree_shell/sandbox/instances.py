@@ -62,6 +62,45 @@ def compose_env(
     return env
 
 
+CGROUPS_RECORD = "cgroups"  # in a run dir: the run's cgroup dirs, one per line
+
+
+def _record_cgroups(run_path: Path, sandbox: Any) -> None:
+    """Note the run's cgroup dirs in its run dir, so a server killed mid-run can remove
+    them at its next start (the kernel keeps an empty cgroup until someone rmdirs it)."""
+    cgroup = getattr(sandbox, "_cgroup", None)
+    procs = getattr(cgroup, "procs_files", None) if cgroup is not None else None
+    if not procs:
+        return
+    dirs = sorted({os.path.dirname(os.fsdecode(p)) for p in procs})
+    (run_path / CGROUPS_RECORD).write_text("".join(d + "\n" for d in dirs))
+
+
+def remove_stale_cgroups(runs_dir: Path) -> int:
+    """At server start, before the store drops leftover runs: remove the cgroups those
+    runs recorded (their processes died with the previous server). Returns how many."""
+    from contree_shell.sandbox.cgroups import RunCgroup
+
+    removed = 0
+    try:
+        entries = list(os.scandir(runs_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            text = (Path(entry.path) / CGROUPS_RECORD).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        dirs = [Path(line) for line in text.splitlines() if line.startswith("/sys/fs/cgroup/")]
+        # A run's cgroups are leaves named contree-*; never touch anything else.
+        dirs = [d for d in dirs if d.name.startswith("contree-")]
+        if not dirs:
+            continue
+        RunCgroup({str(i): d for i, d in enumerate(dirs)}, None).remove()
+        removed += sum(1 for d in dirs if not d.exists())
+    return removed
+
+
 def _read_passwd(view: Any) -> str:
     try:
         return bytes(view.read("/etc/passwd")).decode(errors="replace")
@@ -801,6 +840,7 @@ class InstanceManager:
                 spec=rspec,
                 on_output=lambda stream, chunk: self._on_output(run, stream, chunk),
             )
+            _record_cgroups(Path(rundir.path), sandbox)
             with run.lock:
                 run.sandbox = sandbox
                 cancelled = run.closed  # cancelled while starting

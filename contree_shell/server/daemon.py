@@ -328,7 +328,7 @@ def build_state(
     """Open the databases and the store, recover from a previous crash, build managers."""
     from contree_shell.sandbox.files import FileStore
     from contree_shell.sandbox.imports import ImportManager
-    from contree_shell.sandbox.instances import InstanceManager
+    from contree_shell.sandbox.instances import InstanceManager, remove_stale_cgroups
     from contree_shell.sandbox.operations import OperationsDB
     from contree_shell.sandbox.store import Store
     from contree_shell.server.app import ServerState
@@ -339,7 +339,15 @@ def build_state(
         log.info("marked %d unfinished operation(s) FAILED", len(failed))
     store_root = home / "store"
     store = Store(store_root)
+    # Runs of a killed server: their processes died with it (PDEATHSIG), their cgroups
+    # did not; remove those before recover() drops the run dirs that name them.
+    stale = remove_stale_cgroups(store.runs_dir)
+    if stale:
+        log.info("removed %d cgroup(s) left by runs of a previous server", stale)
     store.recover()
+    freeze_at = os.environ.get("CONTREE_TEST_FREEZE_AT")
+    if freeze_at:
+        store._hook = _freeze_hook(home, freeze_at)
     store.start_background_squash()  # deep histories stay cheap to mount
     files = FileStore(home / "files")
     timeout = int(os.environ.get("CONTREE_DEFAULT_TIMEOUT", "600") or 600)
@@ -371,6 +379,33 @@ def build_state(
         imports=imports,
         token=token,
     )
+
+
+def _freeze_hook(home: Path, spec: str) -> Any:
+    """Fault injection for the crash tests (CONTREE_TEST_FREEZE_AT=<store point>[@N],
+    e.g. commit:renamed@2): the thread reaching that point for the N-th time (default
+    1st) writes the point's name to <home>/frozen-at and blocks forever, so a test can
+    SIGKILL the server with the store half-way through that step."""
+    import threading
+
+    point, _, nth = spec.partition("@")
+    wanted = int(nth) if nth.isdigit() else 1
+    lock = threading.Lock()
+    seen = 0
+
+    def hook(at: str) -> None:
+        nonlocal seen
+        if at != point:
+            return
+        with lock:
+            seen += 1
+            if seen != wanted:
+                return
+        log.warning("CONTREE_TEST_FREEZE_AT: frozen at %s until killed", at)
+        (home / "frozen-at").write_text(at + "\n")
+        threading.Event().wait()
+
+    return hook
 
 
 def _network_supported() -> bool:
