@@ -233,14 +233,16 @@ class ImportManager:
             job.timer.cancel()
 
     def _succeed(
-        self, op_uuid: str, job: _Job, tag: str | None, add: Callable[[], str]
+        self, op_uuid: str, job: _Job, tag: str | None, add: Callable[[], str], scratch: Path
     ) -> str | None:
         """Add the image and end the operation SUCCESS in one step under the lock: a
-        cancel either lands before the image exists, or finds the import already done."""
+        cancel either lands before the image exists, or finds the import already done.
+        The scratch dir goes before the operation turns terminal: nothing is left once it is."""
         with self._lock:
             if job.stop.is_set():
                 return None
             image = add()
+            _remove(scratch)
             self._append(op_uuid, f"imported as image {image}" + (f" ({tag})" if tag else ""))
             self.ops.finish(
                 op_uuid,
@@ -284,7 +286,7 @@ class ImportManager:
                 )
             )
 
-        self._succeed(op_uuid, job, tag, add)
+        self._succeed(op_uuid, job, tag, add, dest)
 
     def _import_base(self, op_uuid: str, job: _Job, url: str, tag: str | None, dest: Path) -> None:
         from contree_shell.sandbox.bootstrap import build_busybox_rootfs, debootstrap_rootfs
@@ -306,6 +308,7 @@ class ImportManager:
             lambda: str(
                 self.store.add_rootfs(dest, tag=tag, config=config, operation_uuid=op_uuid)
             ),
+            dest,
         )
 
 
