@@ -1,10 +1,10 @@
-"""Crash safety: SIGKILL the server mid-run and mid-commit, then restart it.
+"""Crash safety: SIGKILL the server mid-run (mid-commit / mid-write), then restart it.
 
 A real server (own home, `--pids 200` so every run gets a cgroup) runs four `sleep 100`
 and one run that writes 50 MB and exits. The server is started with
 CONTREE_TEST_FREEZE_AT=commit:renamed@2, so the writer's commit stops right after its
 layer was renamed into the store (before the image row exists); the test SIGKILLs the
-server exactly then. Afterwards nothing of the runs may be left on the host (processes,
+server exactly then. A second case kills as soon as the writer runs (mid-write). Afterwards nothing of the runs may be left on the host (processes,
 mounts, cgroups), and the restarted server must show every operation terminal with a
 reason and a final `completion` event, an empty runs dir, no orphan layer, and every
 image readable through the inspect API.
@@ -39,6 +39,7 @@ from tests.test_server_support import (
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox engine needs root")
 
 WRITE = "head -c 50000000 /dev/zero > /big; echo done"
+WRITE_SLOW = "head -c 50000000 /dev/urandom > /big; echo done"
 
 
 def _children() -> dict[int, list[int]]:
@@ -155,11 +156,14 @@ def _kill_and_reap(srv: ApiServer) -> None:
     srv.process = None
 
 
-def test_sigkill_mid_run_and_mid_commit_leaves_nothing_and_restart_recovers(
-    tmp_path: Path,
-) -> None:
-    # The 2nd commit that renames a layer (the 1st is the child image below) freezes.
-    env = {"CONTREE_TEST_FREEZE_AT": "commit:renamed@2", "CONTREE_DEFAULT_NETWORKING": "0"}
+@pytest.mark.parametrize("moment", ["mid-commit", "mid-write"])
+def test_sigkill_mid_run_leaves_nothing_and_restart_recovers(tmp_path: Path, moment: str) -> None:
+    """mid-commit: the writer's commit is frozen after its layer rename (deterministic).
+    mid-write: the kill comes as soon as the writer runs (50 MB from /dev/urandom)."""
+    env = {"CONTREE_DEFAULT_NETWORKING": "0"}
+    if moment == "mid-commit":
+        # The 2nd commit that renames a layer (the 1st is the child image below) freezes.
+        env["CONTREE_TEST_FREEZE_AT"] = "commit:renamed@2"
     srv = start_api_server(tmp_path, "--pids", "200", env=env)
     home = srv.home
     try:
@@ -169,15 +173,22 @@ def test_sigkill_mid_run_and_mid_commit_leaves_nothing_and_restart_recovers(
             child = run(http, busybox, "echo kept > /kept", timeout=60)
             assert child["status"] == "SUCCESS", child
             sleeps = [spawn(http, busybox, "sleep 100", timeout=600) for _ in range(4)]
-            writer = spawn(http, busybox, WRITE, timeout=600)
+            writer = spawn(http, busybox, WRITE if moment == "mid-commit" else WRITE_SLOW,
+                           timeout=600)
             for op in sleeps:
                 _wait_spawned(http, op)
-            _wait_stdout(http, writer, "done")
-        # The writer's commit reaches the freeze point: layer renamed, no image row.
-        _wait_until(lambda: (home / "frozen-at").exists(), "the writer's commit")
-        assert (home / "frozen-at").read_text().strip() == "commit:renamed"
-        orphan = {p.name for p in (home / "store" / "layers").iterdir()} - _layers_in_db(home)
-        assert len(orphan) == 1, orphan  # the half-committed layer
+            if moment == "mid-commit":
+                _wait_stdout(http, writer, "done")
+            else:
+                _wait_spawned(http, writer)
+        orphan: set[str] = set()
+        if moment == "mid-commit":
+            # The writer's commit reaches the freeze point: layer renamed, no image row.
+            _wait_until(lambda: (home / "frozen-at").exists(), "the writer's commit")
+            assert (home / "frozen-at").read_text().strip() == "commit:renamed"
+            orphan = {p.name for p in (home / "store" / "layers").iterdir()}
+            orphan -= _layers_in_db(home)
+            assert len(orphan) == 1, orphan  # the half-committed layer
         assert srv.process is not None
         server_pid = srv.process.pid
 
@@ -186,10 +197,13 @@ def test_sigkill_mid_run_and_mid_commit_leaves_nothing_and_restart_recovers(
         sleepers = [p for p in procs if _cmdline(p) == ["sleep", "100"]]
         inits = [p for p in procs if _comm(p) == "contree-init"]
         assert len(sleepers) == 4, [(p, _cmdline(p)) for p in procs]
-        assert len(inits) == 4, [(p, _comm(p)) for p in procs]
-        cgroups = {_pids_cgroup(p) for p in sleepers}
-        assert all(c and "/contree-" in c for c in cgroups), cgroups
-        assert len(cgroups) == 4
+        assert len(inits) == (4 if moment == "mid-commit" else 5), [(p, _comm(p)) for p in procs]
+        sleeper_cgroups = {_pids_cgroup(p) for p in sleepers}
+        assert all(c and "/contree-" in c for c in sleeper_cgroups), sleeper_cgroups
+        assert len(sleeper_cgroups) == 4
+        # Every live run's cgroup (the writer's too when it still runs).
+        cgroups = {c for p in procs if (c := _pids_cgroup(p)) and "/contree-" in c}
+        assert len(cgroups) == len(inits) and sleeper_cgroups <= cgroups, cgroups
         recorded = {
             line
             for f in (home / "store" / "runs").glob("*/cgroups")
@@ -243,7 +257,7 @@ def test_sigkill_mid_run_and_mid_commit_leaves_nothing_and_restart_recovers(
             for op_uuid in uuids:
                 op = http.get(f"/v1/operations/{op_uuid}").json()
                 assert op["status"] in TERMINAL, op
-                if op_uuid in (*sleeps, writer):
+                if op_uuid in sleeps or (op_uuid == writer and moment == "mid-commit"):
                     assert op["status"] == "FAILED", op
                 if op["status"] != "SUCCESS":
                     assert op["error"], op
@@ -251,7 +265,10 @@ def test_sigkill_mid_run_and_mid_commit_leaves_nothing_and_restart_recovers(
                 assert events and events[-1]["type"] == "completion", (op_uuid, events[-3:])
             images = http.get("/v1/images", params={"limit": 1000}).json()["images"]
             assert {busybox, child["result"]["image"]} <= {img["uuid"] for img in images}
-            assert len(images) == 2  # the frozen commit made no image
+            writer_op = http.get(f"/v1/operations/{writer}").json()
+            # The frozen commit made no image; a mid-write kill neither, unless the
+            # writer (improbably) finished and committed before the kill landed.
+            assert len(images) == (3 if writer_op["status"] == "SUCCESS" else 2), images
             for img in images:
                 root = http.get(f"/v1/inspect/{img['uuid']}/list", params={"path": "/"})
                 assert root.status_code == 200, root.text
