@@ -15,6 +15,7 @@ polls are bounded ones for filesystem facts that have nothing to await on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -166,6 +167,7 @@ def test_sigkill_mid_run_leaves_nothing_and_restart_recovers(tmp_path: Path, mom
         env["CONTREE_TEST_FREEZE_AT"] = "commit:renamed@2"
     srv = start_api_server(tmp_path, "--pids", "200", env=env)
     home = srv.home
+    cgroups: set[str] = set()
     try:
         with srv.http() as http:
             busybox = import_busybox(http)
@@ -202,7 +204,7 @@ def test_sigkill_mid_run_leaves_nothing_and_restart_recovers(tmp_path: Path, mom
         assert all(c and "/contree-" in c for c in sleeper_cgroups), sleeper_cgroups
         assert len(sleeper_cgroups) == 4
         # Every live run's cgroup (the writer's too when it still runs).
-        cgroups = {c for p in procs if (c := _pids_cgroup(p)) and "/contree-" in c}
+        cgroups |= {c for p in procs if (c := _pids_cgroup(p)) and "/contree-" in c}
         assert len(cgroups) == len(inits) and sleeper_cgroups <= cgroups, cgroups
         recorded = {
             line
@@ -282,3 +284,6 @@ def test_sigkill_mid_run_leaves_nothing_and_restart_recovers(tmp_path: Path, mom
     finally:
         if srv.process is not None:
             srv.stop()
+        for cg in cgroups:  # a failure before the restart must not leak run cgroups
+            with contextlib.suppress(OSError):
+                Path(cg).rmdir()
