@@ -287,3 +287,40 @@ def test_sigkill_mid_run_leaves_nothing_and_restart_recovers(tmp_path: Path, mom
         for cg in cgroups:  # a failure before the restart must not leak run cgroups
             with contextlib.suppress(OSError):
                 Path(cg).rmdir()
+
+
+def test_abandoned_run_cgroups_are_removed_only_when_empty_and_old() -> None:
+    """The start-up backstop for cgroups no run dir recorded, on a private real parent."""
+    import secrets
+    import subprocess
+
+    from contree_shell.sandbox.cgroups import RunCgroup
+    from contree_shell.sandbox.instances import remove_abandoned_cgroups
+
+    root = Path("/sys/fs/cgroup/pids")
+    if not (root / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy here")
+    parent = root / f"ctest-{secrets.token_hex(6)}"
+    parent.mkdir()
+    empty, busy = parent / "contree-empty", parent / "contree-busy"
+    other = parent / "not-a-run"
+    sleeper = None
+    try:
+        for d in (empty, busy, other):
+            d.mkdir()
+        sleeper = subprocess.Popen(["sleep", "100"])
+        (busy / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+        # Young: nothing goes (a run may have just created its group).
+        assert remove_abandoned_cgroups(parents=[parent]) == 0
+        assert empty.exists()
+        # Old enough: only the empty run group goes.
+        assert remove_abandoned_cgroups(min_age=0, parents=[parent]) == 1
+        assert not empty.exists() and busy.exists() and other.exists()
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        # RunCgroup.remove retries while a dead task still holds a group (EBUSY).
+        RunCgroup({str(i): d for i, d in enumerate((empty, busy, other))}, None).remove()
+        RunCgroup({"parent": parent}, None).remove()
+    assert not parent.exists()

@@ -101,6 +101,48 @@ def remove_stale_cgroups(runs_dir: Path) -> int:
     return removed
 
 
+ABANDONED_CGROUP_AGE = 600.0  # seconds
+
+
+def remove_abandoned_cgroups(
+    min_age: float = ABANDONED_CGROUP_AGE, parents: list[Path] | None = None
+) -> int:
+    """At server start: remove empty run cgroups (contree-*) older than ``min_age``
+    where this server creates its own. Catches what no run dir recorded (a server killed
+    between creating a run's cgroup and noting it). A live run's cgroup always holds its
+    processes, and its server removes it as the run ends, so an empty one that old is
+    abandoned, whichever server made it. ``parents`` overrides where to look (tests).
+    Returns how many were removed."""
+    import time
+
+    from contree_shell.sandbox import cgroups
+
+    if parents is None:
+        layout = cgroups.detect()
+        try:
+            own_v1, _ = cgroups.parse_proc_cgroup(Path("/proc/self/cgroup").read_text())
+        except OSError:
+            return 0
+        found = {layout.v1[c] / own_v1.get(c, "/").lstrip("/") for c in layout.v1}
+        if layout.v2 is not None:
+            found.add(layout.v2 / "contree")
+        parents = sorted(found)
+    removed = 0
+    now = time.time()
+    for parent in parents:
+        for path in parent.glob("contree-*"):
+            try:
+                if now - path.stat().st_ctime < min_age:
+                    continue
+                if (path / "cgroup.procs").read_text().strip():
+                    continue
+                path.rmdir()
+                removed += 1
+            except OSError:
+                continue
+    return removed
+
+
 def _read_passwd(view: Any) -> str:
     try:
         return bytes(view.read("/etc/passwd")).decode(errors="replace")

@@ -328,7 +328,11 @@ def build_state(
     """Open the databases and the store, recover from a previous crash, build managers."""
     from contree_shell.sandbox.files import FileStore
     from contree_shell.sandbox.imports import ImportManager
-    from contree_shell.sandbox.instances import InstanceManager, remove_stale_cgroups
+    from contree_shell.sandbox.instances import (
+        InstanceManager,
+        remove_abandoned_cgroups,
+        remove_stale_cgroups,
+    )
     from contree_shell.sandbox.operations import OperationsDB
     from contree_shell.sandbox.store import Store
     from contree_shell.server.app import ServerState
@@ -341,7 +345,7 @@ def build_state(
     store = Store(store_root)
     # Runs of a killed server: their processes died with it (PDEATHSIG), their cgroups
     # did not; remove those before recover() drops the run dirs that name them.
-    stale = remove_stale_cgroups(store.runs_dir)
+    stale = remove_stale_cgroups(store.runs_dir) + remove_abandoned_cgroups()
     if stale:
         log.info("removed %d cgroup(s) left by runs of a previous server", stale)
     store.recover()
