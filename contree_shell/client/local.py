@@ -7,13 +7,12 @@ which daemonizes the server and returns once the socket answers (or fails with a
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
 
 from contree_shell.client.errors import ServerStartError, one_line
 from contree_shell.config import Profile
@@ -31,19 +30,20 @@ def socket_path(profile: Profile) -> Path:
 
 
 def socket_answers(sock: Path, *, timeout: float = 2.0) -> bool:
-    """True if an HTTP server answers on `sock` (any status counts as an answer)."""
+    """True if a server is listening on `sock`.
+
+    A plain connect() is enough: the kernel refuses it when nobody listens (a stale
+    socket file left by a killed server), and it costs microseconds where an HTTP round
+    trip through a fresh client costs tens of milliseconds on every `contree` call.
+    """
     if not sock.exists():
         return False
-    try:
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(sock)),
-            base_url="http://contree",
-            timeout=timeout,
-            trust_env=False,
-        ) as http:
-            http.get("/v1/whoami")
-    except httpx.HTTPError:
-        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
     return True
 
 

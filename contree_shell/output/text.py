@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from prompt_toolkit.utils import get_cwidth
+# prompt_toolkit measures with wcwidth too; importing it directly skips prompt_toolkit.
+from wcwidth import wcwidth as get_cwidth
 
 from contree_shell.output.color import strip_ansi
 
