@@ -15,25 +15,6 @@ from tests.test_cli_commands import contree, err, out
 pytestmark = pytest.mark.root
 
 
-def _skip_without_route(result, what: str) -> None:  # routes added in parallel by H-api
-    if result.returncode == 0:
-        return
-    server: LocalServer = _SERVER[0]
-    route = {"grep": "grep?pattern=x&path=/", "archive": "archive?path=/etc"}[what]
-    with server.http() as http:
-        status = http.get(f"/v1/inspect/{server.busybox}/{route}").status_code
-    if status in (404, 405):
-        pytest.skip(f"server has no {what} route")
-
-
-_SERVER: list[LocalServer] = []
-
-
-@pytest.fixture(autouse=True)
-def _remember_server(server: LocalServer) -> None:
-    _SERVER[:] = [server]
-
-
 def _write(server: LocalServer, env: dict[str, str], script: str) -> None:
     result = contree(server, env, "run", "--", "sh", "-c", script)
     assert result.returncode == 0, err(result)
@@ -42,7 +23,6 @@ def _write(server: LocalServer, env: dict[str, str], script: str) -> None:
 def test_grep_prints_gnu_style_lines_and_context(server: LocalServer, session_env: dict[str, str]) -> None:
     _write(server, session_env, "mkdir -p /g && printf 'a\\nneedle one\\nb\\nc\\nd\\nneedle two\\n' > /g/f.txt")
     result = contree(server, session_env, "grep", "needle", "/g")
-    _skip_without_route(result, "grep")
     assert result.returncode == 0, err(result)
     assert out(result) == "/g/f.txt:2:needle one\n/g/f.txt:6:needle two\n"
     ctx = contree(server, session_env, "grep", "-C", "1", "needle", "/g")
@@ -61,7 +41,6 @@ def test_grep_relative_paths_use_the_session_cwd_and_exit_1_without_match(
     _write(server, session_env, "mkdir -p /h && echo Hello > /h/x")
     assert contree(server, session_env, "cd", "/h").returncode == 0
     found = contree(server, session_env, "grep", "--case", "insensitive", "hello", ".")
-    _skip_without_route(found, "grep")
     assert out(found) == "/h/x:1:Hello\n"
     missing = contree(server, session_env, "grep", "zzz-not-there", "x")
     assert missing.returncode == 1 and missing.stdout == b""
@@ -71,7 +50,6 @@ def test_grep_colours_only_when_forced(server: LocalServer, session_env: dict[st
     _write(server, session_env, "mkdir -p /c && echo 'say hi' > /c/f")
     env = dict(session_env, FORCE_COLOR="1")
     result = contree(server, env, "grep", "hi", "/c")
-    _skip_without_route(result, "grep")
     assert "\x1b[35m/c/f" in out(result) and "\x1b[1;31mhi" in out(result)
 
 
@@ -97,7 +75,6 @@ def test_export_writes_a_tar_and_refuses_missing_paths(
     _write(server, session_env, "mkdir -p /exp/sub && echo one > /exp/sub/a")
     plain = tmp_path / "exp.tar"
     result = contree(server, session_env, "export", "/exp", "-F", str(plain))
-    _skip_without_route(result, "archive")
     assert result.returncode == 0, err(result)
     with tarfile.open(plain, "r:") as tar:
         names = tar.getnames()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,14 +22,9 @@ from contree_shell.config import Profile
 
 
 @pytest.fixture(scope="module")
-def live(request: pytest.FixtureRequest) -> Any:
-    """The shared real server, or a clean skip while the server is not available."""
-    if importlib.util.find_spec("contree_shell.server.app") is None:
-        pytest.skip("the local server is not available yet")
-    try:
-        return request.getfixturevalue("server")
-    except pytest.FixtureLookupError:
-        pytest.skip("the `server` fixture is not available yet")
+def live(server: Any) -> Any:
+    """The shared real server."""
+    return server
 
 
 @pytest.fixture
