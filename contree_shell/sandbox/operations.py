@@ -131,6 +131,10 @@ class Event:
 @dataclass
 class _Waiters:
     loops: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
+    # Keys with a wake-up already queued on their loop: a burst of appends (a run writes
+    # init, spawn, exit, shutdown, completion within a millisecond) then costs the follower
+    # one loop wake-up and one read instead of one per event.
+    queued: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
 
 
 class Subscription:
@@ -264,6 +268,16 @@ class OperationsDB:
             )
             self._next_id[op.uuid] = 0
         return op
+
+    def status(self, op_uuid: str) -> str:
+        """Just the status (no decoding of the whole row); OperationNotFound if unknown."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT status FROM operations WHERE uuid = ?", (op_uuid,)
+            ).fetchone()
+        if row is None:
+            raise OperationNotFound(op_uuid)
+        return str(row[0])
 
     def get(self, op_uuid: str) -> Operation:
         """The operation; OperationNotFound if unknown."""
@@ -436,12 +450,23 @@ class OperationsDB:
     def _wake(self, op: str) -> None:
         with self._lock:
             w = self._waiters.get(op)
-            keys = list(w.loops) if w else []
-        for loop, ev in keys:
+            if w is None:
+                return
+            keys = [k for k in w.loops if k not in w.queued]
+            w.queued.update(keys)
+        for key in keys:
             try:
-                loop.call_soon_threadsafe(ev.set)
+                key[0].call_soon_threadsafe(self._deliver, w, key)
             except RuntimeError:  # that loop is closed: its follower is gone
-                pass
+                with self._lock:
+                    w.queued.discard(key)
+
+    def _deliver(self, w: _Waiters, key: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+        # On the follower's loop. Unqueue before setting: an append after this point
+        # queues a new wake-up, so none is lost between the set and the follower's read.
+        with self._lock:
+            w.queued.discard(key)
+        key[1].set()
 
     # -- startup ------------------------------------------------------------------
 

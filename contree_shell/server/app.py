@@ -691,7 +691,9 @@ async def operation_events(request: Request) -> Response:
             raise ApiError(400, f"Last-Event-Id must be an integer, got {last!r}") from None
         if since < 0:
             raise ApiError(400, "Last-Event-Id must be >= 0")
-    stream = event_stream(state.ops, op.uuid, after=since, spid=spid, follow=flag(q, "follow"))
+    stream = event_stream(
+        state.ops, op.uuid, after=since, spid=spid, follow=flag(q, "follow"), coalesce=True
+    )
     return StreamingResponse(
         stream,
         media_type="text/event-stream",

@@ -10,6 +10,7 @@ from contree_shell.sandbox.operations import TERMINAL, Event, OperationsDB
 KEEPALIVE_SECONDS = 15.0
 KEEPALIVE = b": keepalive\n\n"
 _BATCH = 500
+_COALESCE_BYTES = 64 * 1024
 
 
 def frame(event: Event) -> bytes:
@@ -26,12 +27,15 @@ async def event_stream(
     spid: int | None,
     follow: bool,
     keepalive: float = KEEPALIVE_SECONDS,
+    coalesce: bool = False,
 ) -> AsyncIterator[bytes]:
     """Yield frames of `op_uuid` with id > after; with `follow`, until `completion`.
 
     Waiting is event-driven: the subscription is cleared before each read, so an event
     appended between the read and the wait wakes us at once; idle periods send a
-    keepalive comment every `keepalive` seconds.
+    keepalive comment every `keepalive` seconds. With `coalesce`, the frames of one read
+    come as one chunk (the same bytes in fewer response writes: a short run's init,
+    spawn, exit, shutdown and completion usually arrive together).
     """
     cursor = after
     with ops.subscribe(op_uuid) as sub:
@@ -39,15 +43,30 @@ async def event_stream(
             sub.clear()
             # Read the status before the events: if it is terminal now, the completion
             # event is already in the log and this read will see it.
-            terminal = ops.get(op_uuid).status in TERMINAL
+            terminal = ops.status(op_uuid) in TERMINAL
             while True:
                 batch = ops.events(op_uuid, after=cursor, limit=_BATCH)
+                pending: list[bytes] = []
+                size = 0
+                done = False
                 for ev in batch:
                     cursor = ev.id
                     if spid is None or ev.spid == spid:
-                        yield frame(ev)
+                        if not coalesce:
+                            yield frame(ev)
+                        else:
+                            pending.append(frame(ev))
+                            size += len(pending[-1])
+                            if size >= _COALESCE_BYTES:  # big output: keep chunks bounded
+                                yield b"".join(pending)
+                                pending, size = [], 0
                     if ev.type == "completion":
-                        return
+                        done = True
+                        break
+                if pending:
+                    yield b"".join(pending)
+                if done:
+                    return
                 if len(batch) < _BATCH:
                     break
             if not follow or terminal:
