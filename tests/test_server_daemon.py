@@ -242,3 +242,12 @@ def test_deep_histories_are_squashed_and_every_image_stays_identical(tmp_path: P
             assert last["metadata"]["result"]["stdout"]["value"] == "0\n11\n12\n"
     finally:
         srv.stop()
+
+
+def test_generated_tokens_are_safe_on_a_command_line(tmp_path: Path) -> None:
+    """A token goes into `--token TOKEN`: it must never look like an option."""
+    from contree_shell.server.daemon import ensure_token
+
+    tokens = {ensure_token(tmp_path / f"home{i}") for i in range(200)}
+    assert len(tokens) == 200
+    assert all(len(t) == 64 and t.isalnum() and not t.startswith("-") for t in tokens)

@@ -167,7 +167,9 @@ def ensure_token(home: Path) -> str:
             return token
     except FileNotFoundError:
         pass
-    token = secrets.token_urlsafe(32)
+    # Hex only: a token is pasted into command lines (`--token TOKEN`), where a urlsafe
+    # token that happens to start with "-" is taken for an option.
+    token = secrets.token_hex(32)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
