@@ -159,28 +159,15 @@ def register_use(sub: Any) -> None:
     p.set_defaults(handler=cmd_use)
 
 
-def session_row(ctx: Context) -> dict[str, Any]:
-    """The one-row summary of the current session (as the official `use` shows it)."""
-    state = ctx.require_state()
-    tip = state.tip
-    assert tip is not None
-    return {
-        "session_key": state.key,
-        "active_branch": state.branch,
-        "current_image": tip.image,
-        "last_kind": tip.kind,
-        "last_title": tip.title,
-        "updated_at": tip.created_at,
-    }
-
-
 def cmd_use(ctx: Context, args: argparse.Namespace) -> int:
     from contree_shell.output import emit_rows, info, warn, write_stdout
 
     if args.image is None:
         if args.new:
             raise CliError("--new requires an IMAGE argument.")
-        emit_rows([session_row(ctx)], ctx.output_format)
+        from contree_shell.cli.session import current_row
+
+        emit_rows([current_row(ctx, detail=False)], ctx.output_format)
         return 0
     image = resolve_image(ctx, args.image, import_missing=True)
     if args.new:

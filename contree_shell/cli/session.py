@@ -94,21 +94,25 @@ def register(sub: Any) -> None:
     delete.set_defaults(handler=cmd_delete)
 
 
-def current_row(ctx: Context) -> dict[str, Any]:
-    """The one-row view of the current session."""
+def current_row(ctx: Context, *, detail: bool = True) -> dict[str, Any]:
+    """The one-row view of the current session.
+
+    `detail=False` is the official `use` row: no cwd or depth, and the time of the tip
+    rather than of the session's last change.
+    """
     state = ctx.require_state()
     tip = state.tip
     assert tip is not None
-    return {
+    row: dict[str, Any] = {
         "session_key": state.key,
         "active_branch": state.branch,
         "current_image": tip.image,
-        "cwd": state.cwd or "/",
-        "depth": state.depth,
-        "last_kind": tip.kind,
-        "last_title": tip.title,
-        "updated_at": state.updated_at or tip.created_at,
     }
+    if detail:
+        row.update(cwd=state.cwd or "/", depth=state.depth)
+    row.update(last_kind=tip.kind, last_title=tip.title)
+    row["updated_at"] = (state.updated_at or tip.created_at) if detail else tip.created_at
+    return row
 
 
 def cmd_session(ctx: Context, args: argparse.Namespace) -> int:

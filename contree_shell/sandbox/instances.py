@@ -916,6 +916,21 @@ class InstanceManager:
                 except Exception:
                     log.exception("discard of %s failed", rundir.path)
 
+    def _emit_truncations(
+        self, run: _Run, streams: dict[str, _Stream], stdin_recorded: int, spid: int
+    ) -> None:
+        """One `truncated` event per stream of a process that crossed its cap (§3.8)."""
+        for name in ("stdout", "stderr", "stdin"):
+            rec = streams[name]
+            if rec.dropped:
+                emitted = len(rec.data) if name != "stdin" else stdin_recorded
+                self._emit(
+                    run,
+                    "truncated",
+                    {"stream": name, "bytes_emitted": emitted, "bytes_dropped": rec.dropped},
+                    spid,
+                )
+
     def _emit_spawn(
         self, run: _Run, sandbox: Any, argv: list[str], cwd: str, env: dict[str, str]
     ) -> None:
@@ -979,16 +994,7 @@ class InstanceManager:
         else:
             code, sig = int(info.exit_code), -1
         duration = float(info.duration or 0.0)
-        for name in ("stdout", "stderr", "stdin"):
-            rec = run.streams[name]
-            if rec.dropped:
-                emitted = len(rec.data) if name != "stdin" else run.stdin_recorded
-                self._emit(
-                    run,
-                    "truncated",
-                    {"stream": name, "bytes_emitted": emitted, "bytes_dropped": rec.dropped},
-                    1,
-                )
+        self._emit_truncations(run, run.streams, run.stdin_recorded, 1)
         self._emit(
             run,
             "exit",
@@ -1248,16 +1254,7 @@ class InstanceManager:
                     {"value": f"{res.error}\n", "encoding": "ascii", "truncated": False},
                     proc.spid,
                 )
-            for name in ("stdout", "stderr", "stdin"):
-                rec = proc.streams[name]
-                if rec.dropped:
-                    emitted = len(rec.data) if name != "stdin" else proc.stdin_recorded
-                    self._emit(
-                        run,
-                        "truncated",
-                        {"stream": name, "bytes_emitted": emitted, "bytes_dropped": rec.dropped},
-                        proc.spid,
-                    )
+            self._emit_truncations(run, proc.streams, proc.stdin_recorded, proc.spid)
             code = -1 if res.exit_code is None else int(res.exit_code)
             sig = -1 if res.exit_code is not None else int(res.signal or 9)
             self._emit(

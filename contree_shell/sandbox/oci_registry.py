@@ -287,16 +287,11 @@ class RegistryClient:
                     self.ref.source if reference == self.ref.reference else f"manifest {reference}"
                 )
                 raise self._fail(resp, f"image {what}")
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > _MAX_MANIFEST:
-                    raise ImportFailed(f"{self.ref.source}: manifest is too large")
+            data = _read_capped(resp, _MAX_MANIFEST, f"{self.ref.source}: manifest is too large")
         except httpx.HTTPError as exc:
             raise ImportFailed(f"reading manifest from {self.ref.registry}: {exc}") from None
         finally:
             resp.close()
-        data = bytes(body)
         if DIGEST_RE.match(reference):
             _verify(data, reference, f"manifest {reference}")
         return data, resp.headers.get("content-type")
@@ -307,16 +302,11 @@ class RegistryClient:
         try:
             if resp.status_code != 200:
                 raise self._fail(resp, f"blob {digest}")
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise ImportFailed(f"blob {digest} is larger than {limit} bytes")
+            data = _read_capped(resp, limit, f"blob {digest} is larger than {limit} bytes")
         except httpx.HTTPError as exc:
             raise ImportFailed(f"downloading {digest}: {exc}") from None
         finally:
             resp.close()
-        data = bytes(body)
         _verify(data, digest, f"blob {digest}")
         return data
 
@@ -364,3 +354,13 @@ def _verify(data: bytes, digest: str, what: str) -> None:
     algo, _, expected = digest.partition(":")
     if hashlib.new(algo, data).hexdigest() != expected:
         raise ImportFailed(f"{what} does not match its digest")
+
+
+def _read_capped(resp: httpx.Response, limit: int, too_large: str) -> bytes:
+    """A streamed response body held in memory, refused (ImportFailed) past `limit`."""
+    body = bytearray()
+    for chunk in resp.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ImportFailed(too_large)
+    return bytes(body)
