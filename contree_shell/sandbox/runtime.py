@@ -2,17 +2,20 @@
 
 Process tree of one run (host view)::
 
-    server I/O thread ──fork──► intermediate: unshare(mnt pid uts ipc net cgroup),
-                                 / rprivate, overlay mounted over the run dir
-                                   └─fork─► pid 1: /proc /sys /dev /etc binds, hostname,
-                                            lo up, pivot_root; reaps until the command exits
-                                              └─fork─► command: setsid, uid/gid, caps,
-                                                       no_new_privs, seccomp, execvpe
+    launcher ──fork──► intermediate: unshare(mnt pid uts ipc net cgroup),
+                        / rprivate, overlay mounted over the run dir
+                          └─fork─► pid 1: /proc /sys /dev /etc binds, hostname,
+                                   lo up, pivot_root; reaps until the command exits
+                                     └─fork─► command: setsid, uid/gid, caps,
+                                              no_new_privs, seccomp, execvpe
 
-The fork happens on the sandbox's own I/O thread because PR_SET_PDEATHSIG fires when the
-forking *thread* exits: that thread lives exactly as long as the run. If the server dies
-(even by SIGKILL), the intermediate and then pid 1 get SIGKILL, the kernel kills the rest
-of the pid namespace, and the mount namespace (holding the overlay) goes with its last
+The launcher (:mod:`launcher`) is a small single-threaded process the server starts once:
+forking the server itself for every run costs several times more. The server sends it
+the plan and the pipe ends, gets back a pidfd of the intermediate, and runs the rest
+(I/O, timeout, status) on the sandbox's own thread as before. Intermediates carry
+PR_SET_PDEATHSIG against the launcher, which exits as soon as the server is gone (even
+by SIGKILL): the intermediate and then pid 1 get SIGKILL, the kernel kills the rest of
+the pid namespace, and the mount namespace (holding the overlay) goes with its last
 process. Nothing is ever mounted in the host's mount namespace.
 
 After fork, children call only ``os`` functions and the pre-resolved ctypes wrappers of
@@ -54,8 +57,8 @@ kernel's ``trusted.*`` (root); layers committed by one mode are not fully unders
 the other (opaque dirs), which is a known limitation. No cgroup limits (logged once);
 network only if /dev/net/tun is usable by the user. :func:`mode` describes all this.
 
-rusage: ``max_rss_kb`` from wait4 includes the forked server's pages the command held
-before exec (~14 MB); with a memory cgroup (limits on) the smaller of it and the
+rusage: ``max_rss_kb`` from wait4 includes the forked launcher's pages the command held
+before exec (a few MB); with a memory cgroup (limits on) the smaller of it and the
 cgroup's peak is reported, otherwise it over-reports small programs by that much.
 """
 
@@ -84,6 +87,7 @@ from pathlib import Path
 from contree_shell.sandbox import hardening
 from contree_shell.sandbox import syscalls as sc
 from contree_shell.sandbox.cgroups import CgroupError, Limits, RunCgroup
+from contree_shell.sandbox.launcher import LAUNCHER
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,7 @@ NETWORK_SUPPORTED = PASTA is not None and (
 PASTA_DNS = "169.254.1.1"
 _EXEC_STAGE = b"exec"
 _INIT_NAME = sc.make_name_buffer(b"contree-init")  # what `ps` in the sandbox shows as pid 1
+_SETUP_NAME = sc.make_name_buffer(b"contree-setup")  # the intermediate, on the host
 # Mount points the runtime covers. A scaffold layer at the bottom of every overlay
 # provides them, so an image that lacks one still needs no write into upper.
 _SCAFFOLD_DIRS = ("proc", "sys", "dev", "etc", "tmp")
@@ -273,6 +278,24 @@ class _Plan:
     devpts_opts: bytes = b"newinstance,ptmxmode=0666,mode=0620,gid=5"
     net_pooled: bool = False  # network: join netns_fd (pasta attached) instead of waiting
     netns_fd: int = -1
+    new_mount_api: bool = True
+
+    # The plan crosses to the launcher process pickled: the ctypes structures (which hold
+    # pointers) are rebuilt there from their inputs.
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        h = state.pop("harden")
+        state.pop("lo")
+        state["_harden_args"] = (h.uid, h.gid, h.set_groups)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        args = state.pop("_harden_args")
+        assert isinstance(args, tuple)
+        uid, gid, set_groups = args
+        self.__dict__.update(state)
+        self.harden = hardening.prepare(int(uid), int(gid), set_groups=bool(set_groups))
+        self.lo = _loopback()
 
 
 _scaffold_lock = threading.Lock()
@@ -363,6 +386,12 @@ def _harden(spec: RunSpec) -> hardening.Hardening:
         raise SandboxError(f"cannot prepare the seccomp filter: {e}") from e
 
 
+def _loopback() -> sc.IfReq:
+    lo = sc.IfReq()
+    lo.name = b"lo"
+    return lo
+
+
 def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
     _validate(spec)
     if not lowers:
@@ -380,8 +409,6 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
     rel = [os.fsencode(os.path.relpath(os.fsdecode(p), common)) for p in layers]
     legacy = b"lowerdir=" + b":".join(rel) + b",upperdir=" + upper_b + b",workdir=" + work_b
     hostname = spec.hostname.encode()
-    lo = sc.IfReq()
-    lo.name = b"lo"
     return _Plan(
         lowers=layers,
         upper=upper_b,
@@ -399,9 +426,10 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
         argv=list(spec.argv),
         env=dict(spec.env),
         harden=_harden(spec),
-        lo=lo,
+        lo=_loopback(),
         parent_pid=os.getpid(),
         unshare_flags=_NS_FLAGS,
+        new_mount_api=USE_NEW_MOUNT_API,
         rootless=ROOTLESS,
         full_map=ROOTLESS and _id_map_kind() == "full",
         devpts_opts=(b"newinstance,ptmxmode=0666,mode=0620" if _id_map_kind() == "single"
@@ -426,7 +454,7 @@ USE_NEW_MOUNT_API = True
 
 def _mount_overlay(plan: _Plan) -> None:
     fs = -1
-    if USE_NEW_MOUNT_API:
+    if plan.new_mount_api:
         with contextlib.suppress(OSError):
             fs = sc.fsopen(b"overlay")
     if fs >= 0:
@@ -477,15 +505,16 @@ def _enter_userns(plan: _Plan) -> None:
     os.setuid(0)
 
 
-def _intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
-                  usergo: int) -> None:  # fmt: skip
-    """First child: namespaces and the overlay; never returns."""
+def run_intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
+                     usergo: int) -> None:  # fmt: skip
+    """First child (forked by the launcher): namespaces and the overlay; never returns."""
     code = 1
     stage = b"setup"
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != plan.parent_pid:
-            os._exit(1)  # the server died before PDEATHSIG was armed
+            os._exit(1)  # the launcher died before PDEATHSIG was armed
+        sc.set_process_name(_SETUP_NAME)
         # Drop the server's signal handlers (and mask): a Python-level handler would run
         # server code here; pid 1 and the command inherit the defaults.
         sc.reset_signals(hardening.RESET_SIGNALS)
@@ -894,6 +923,13 @@ def _wait_ready(pid: int, ready_r: int) -> bool:
         os.close(pid_fd)
 
 
+def _wait_exit(pidfd: int) -> None:
+    """Block until the process behind ``pidfd`` has exited."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(pidfd, selectors.EVENT_READ)
+        sel.select(None)
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
@@ -925,7 +961,8 @@ class Sandbox:
         self._spawn_error: BaseException | None = None
         self._info: ExitInfo | None = None
         self._intermediate = 0
-        self._intermediate_reaped = False
+        self._intermediate_fd = -1  # pidfd from the launcher, which reaps the process
+        self._intermediate_gone = False
         self._pid1 = 0
         self._pid1_fd = -1
         self._ns_pid = 0
@@ -1092,19 +1129,20 @@ class Sandbox:
                 os.close(fd)
 
     def _kill_locked(self) -> None:
-        if self._intermediate_reaped:
+        if self._intermediate_gone:
             return
         self._killed = True
         if self._pid1_fd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
-        if self._intermediate and not self._intermediate_reaped and self._pid1_fd < 0:
+        elif self._intermediate_fd >= 0:
             # pid 1 unknown yet: killing the intermediate takes pid 1 with it (PDEATHSIG).
             with contextlib.suppress(OSError):
-                os.kill(self._intermediate, signal.SIGKILL)
+                signal.pidfd_send_signal(self._intermediate_fd, signal.SIGKILL)
 
     def _io_main(self) -> None:
         made: list[int] = []
+        pooled_fd = -1
         try:
             wait_net = self._plan.network and not self._plan.net_pooled
             for _ in range(4 + wait_net + self._plan.full_map):
@@ -1113,29 +1151,26 @@ class Sandbox:
             extra = made[8:]
             go_r, self._netgo_w = (extra.pop(0), extra.pop(0)) if wait_net else (-1, -1)
             if self._plan.net_pooled:  # the intermediate setns()es into it on fd 4
-                go_r, self._plan.netns_fd = self._plan.netns_fd, -1
+                go_r = pooled_fd = self._plan.netns_fd
+                self._plan.netns_fd = -1
             ugo_r, self._usergo_w = (extra.pop(0), extra.pop(0)) if extra else (-1, -1)
             child_ends = (stdin_r, out_w, err_w, st_w)
             self._t0 = time.monotonic()
-            pid = os.fork()
-        except BaseException as e:  # EMFILE, EAGAIN...: start() raises it
-            for fd in made:
-                os.close(fd)
-            if self._plan.netns_fd >= 0:
-                os.close(self._plan.netns_fd)
-                self._plan.netns_fd = -1
+            pid, pidfd = LAUNCHER.spawn(self._plan, child_ends, go_r, ugo_r)
+        except BaseException as e:  # EMFILE, EAGAIN, no launcher...: start() raises it
+            for fd in (*made, pooled_fd, self._plan.netns_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._plan.netns_fd = -1
             self._netgo_w = self._usergo_w = -1
             self._spawn_error = e
             self._forked.set()
             return
-        if pid == 0:
-            _intermediate(self._plan, child_ends, go_r, ugo_r)
-        for fd in child_ends:
-            os.close(fd)
-        for fd in (go_r, ugo_r):
+        for fd in (*child_ends, go_r, ugo_r):
             if fd >= 0:
                 os.close(fd)
-        self._intermediate = pid
+        with self._lock:
+            self._intermediate, self._intermediate_fd = pid, pidfd
         self._forked.set()
         try:
             self._loop(stdin_w, out_r, err_r, st_r)
@@ -1355,30 +1390,25 @@ class Sandbox:
     _rusage: dict[str, int] | None = None
 
     def _finish(self) -> None:
-        # Reap the intermediate; it exits only after pid 1 (and so the whole namespace)
-        # is gone, unless it was killed itself, in which case wait on pid 1 directly.
-        try:
-            os.waitpid(self._intermediate, 0)
-        except ChildProcessError:
-            pass
+        # The intermediate exits only after pid 1 (and so the whole namespace) is gone,
+        # unless it was killed itself, in which case wait on pid 1 directly. (The
+        # launcher reaps it; its pidfd tells us it has exited.)
+        _wait_exit(self._intermediate_fd)
         with self._lock:
-            self._intermediate_reaped = True
+            self._intermediate_gone = True
             pid1_fd, self._pid1_fd = self._pid1_fd, -1
+            inter_fd, self._intermediate_fd = self._intermediate_fd, -1
+        os.close(inter_fd)
         self._stop_pasta()
         if pid1_fd >= 0:
-            sel = selectors.DefaultSelector()
-            try:
-                sel.register(pid1_fd, selectors.EVENT_READ)
-                sel.select(None)
-            finally:
-                sel.close()
-                os.close(pid1_fd)
+            _wait_exit(pid1_fd)
+            os.close(pid1_fd)
         duration = time.monotonic() - self._t0
         self._info = self._exit_info(duration)
         if self._cgroup is not None:
             self._info.oom_killed = self._cgroup.oom_killed()
-            # ru_maxrss counts the forked server's pages the command held before exec
-            # (~14 MB); the run's memory cgroup only charges what the run allocated.
+            # ru_maxrss counts the forked launcher's pages the command held before exec
+            # (a few MB); the run's memory cgroup only charges what the run allocated.
             # Take the smaller: exact for big programs, far closer for small ones.
             peak = self._cgroup.peak_memory()
             if peak is not None and self._info.rusage.get("max_rss_kb"):

@@ -91,7 +91,7 @@ def preflight() -> list[Check]:
     else:
         checks.append(
             Check(
-                "privileges", False, "the local server needs root (user-namespace mode comes later)"
+                "privileges", False, "not root: sandboxes run rootless, in a user namespace"
             )
         )
     try:
@@ -141,6 +141,16 @@ def preflight() -> list[Check]:
     except Exception as exc:  # the engine cannot even be imported
         checks.append(Check("runtime", False, f"sandbox runtime unavailable: {exc}"))
     return checks
+
+
+def start_launcher() -> None:
+    """Start the sandbox launcher now, so the first run does not wait for it."""
+    from contree_shell.sandbox.launcher import LAUNCHER, LauncherError
+
+    try:
+        LAUNCHER.start()
+    except LauncherError as e:
+        raise ServerStartError(str(e)) from None
 
 
 def require_preflight() -> list[Check]:
@@ -464,6 +474,7 @@ def run_server(
         sockets.append(_bind_tcp(listen))
     run_limits = server_limits(**(limits or {}))
     state = build_state(home, token, run_limits, snapshot_mtime=mtime_policy)
+    start_launcher()
     (home / PID_NAME).write_text(f"{os.getpid()}\n")
     # What this server runs with, for `contree server status` (the API has no place for it).
     _write_settings(home, {"snapshot_mtime": mtime_policy, "limits": _limits_dict(run_limits)})
