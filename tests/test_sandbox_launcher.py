@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from contree_shell.sandbox import launcher
+from contree_shell.sandbox import nsinit
 from contree_shell.sandbox.bootstrap import build_busybox_rootfs
 from contree_shell.sandbox.launcher import LAUNCHER
 from contree_shell.sandbox.runtime import RunSpec, Sandbox
@@ -54,7 +54,12 @@ def _comm(pid: int) -> str:
 
 
 def _wait_gone(pids: list[int], timeout: float = 30) -> None:
-    fds = [os.pidfd_open(p) for p in pids]
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue  # gone and reaped already
     try:
         waiting = set(fds)
         deadline = time.monotonic() + timeout
@@ -68,10 +73,11 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> None:
             os.close(fd)
 
 
-def _sandbox_pids(sb: Sandbox) -> tuple[int, int]:
-    """(host pid of pid 1, host pid of the intermediate) of a running sandbox."""
-    pid1 = sb._pid1
-    return pid1, _ppid(pid1)
+def _command_pid(sb: Sandbox) -> int:
+    """Host pid of the command of a running sandbox (a child of its pid 1)."""
+    children = Path(f"/proc/{sb._pid1}/task/{sb._pid1}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
 
 
 def test_sandboxes_are_forked_by_the_launcher_not_by_the_server(
@@ -80,10 +86,10 @@ def test_sandboxes_are_forked_by_the_launcher_not_by_the_server(
     sb = _start(image, tmp_path / "r", "read x")
     try:
         assert sb.wait_exec(30)
-        pid1, intermediate = _sandbox_pids(sb)
+        pid1 = sb._pid1
         assert _comm(pid1) == "contree-init"
-        assert _comm(intermediate) == "contree-setup"
-        owner = _ppid(intermediate)
+        assert _ppid(_command_pid(sb)) == pid1
+        owner = _ppid(pid1)
         assert owner == LAUNCHER.pid != os.getpid()
         assert _comm(owner) == "contree-launch"
         assert _ppid(owner) == os.getpid()
@@ -100,12 +106,12 @@ def test_a_killed_launcher_ends_its_runs_and_the_next_run_starts_a_new_one(
     assert sb.wait_exec(30)
     old = LAUNCHER.pid
     assert old is not None
-    pid1, intermediate = _sandbox_pids(sb)
+    pid1, command = sb._pid1, _command_pid(sb)
     os.kill(old, signal.SIGKILL)
     info = sb.wait(30)  # PDEATHSIG: the run is killed, and the server side notices
     assert info is not None
     assert info.exit_code is None and info.error is not None
-    _wait_gone([pid1, intermediate])
+    _wait_gone([pid1, command])
 
     out = bytearray()
     again = _start(image, tmp_path / "b", "echo fine", out)
@@ -141,11 +147,11 @@ def test_the_launcher_and_its_sandboxes_die_with_the_server_process(
         line = proc.stdout.readline().split()
         assert len(line) == 2, line
         launcher_pid, pid1 = (int(x) for x in line)
-        intermediate = _ppid(pid1)
+        assert _ppid(pid1) == launcher_pid
         assert _ppid(launcher_pid) == proc.pid
         proc.kill()
         proc.wait(30)
-        _wait_gone([launcher_pid, intermediate, pid1])
+        _wait_gone([launcher_pid, pid1])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -158,9 +164,9 @@ def test_messages_keep_their_descriptors_and_survive_large_plans() -> None:
     r, w = os.pipe()
     payload = {"layers": [f"/store/layers/{i:040d}".encode() for i in range(30000)]}
     try:
-        sender = threading.Thread(target=launcher._send_message, args=(a, payload, [w]))
+        sender = threading.Thread(target=nsinit.send_message, args=(a, payload, [w]))
         sender.start()
-        got = launcher._recv_message(b, 4)
+        got = nsinit.recv_message(b, 4)
         sender.join()
         assert got is not None
         obj, fds = got
@@ -170,7 +176,7 @@ def test_messages_keep_their_descriptors_and_survive_large_plans() -> None:
         os.close(w)
         assert os.read(r, 100) == b"through"
         a.close()
-        assert launcher._recv_message(b, 4) is None  # EOF
+        assert nsinit.recv_message(b, 4) is None  # EOF
     finally:
         os.close(r)
         b.close()

@@ -12,15 +12,12 @@ Two halves, kept apart on purpose:
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import errno
-import functools
 import os
 import signal
 import stat
-import tempfile
-import threading
-from dataclasses import dataclass
 from typing import Any
 
 from contree_shell.sandbox import syscalls as sc
@@ -77,35 +74,71 @@ class UnsafeMountPoint(OSError):
     """A mount point of the image is a symlink (or sits below one)."""
 
 
-@dataclass
 class Hardening:
-    """Everything the command child needs, prepared before forking."""
+    """Everything the command child needs, prepared before forking.
 
-    uid: int
-    gid: int
-    drop_bounding: tuple[int, ...]
-    cap_header: sc.CapHeader
-    cap_data: ctypes.Array[sc.CapData]
-    seccomp: sc.SockFprog
-    set_groups: bool = True  # False in a user namespace with setgroups denied
+    A plain class (no dataclass): the launcher process imports this module and stays
+    small. ``args()`` is its primitive form, which crosses to the launcher; the ctypes
+    structures are rebuilt there by :meth:`from_args`.
+    """
+
+    __slots__ = (
+        "_bpf_buffer",
+        "bpf",
+        "cap_data",
+        "cap_header",
+        "caps",
+        "drop_bounding",
+        "gid",
+        "seccomp",
+        "set_groups",
+        "uid",
+    )  # fmt: skip
+
+    def __init__(self, uid: int, gid: int, drop_bounding: tuple[int, ...], caps: int,
+                 bpf: bytes, set_groups: bool = True) -> None:  # fmt: skip
+        self.uid = uid
+        self.gid = gid
+        self.drop_bounding = drop_bounding
+        self.caps = caps
+        self.bpf = bpf
+        self.set_groups = set_groups  # False in a user namespace with setgroups denied
+        self.cap_header, self.cap_data = sc.make_capset_args(caps, caps, 0)
+        self._bpf_buffer = ctypes.create_string_buffer(bpf, len(bpf))
+        self.seccomp = sc.SockFprog(len(bpf) // 8, ctypes.addressof(self._bpf_buffer))
+
+    def args(self) -> tuple[int, int, list[int], int, bytes, bool]:
+        """The primitive form (marshal-able)."""
+        return (self.uid, self.gid, list(self.drop_bounding), self.caps, self.bpf,
+                self.set_groups)  # fmt: skip
+
+    @classmethod
+    def from_args(cls, args: Any) -> Hardening:
+        uid, gid, drop, caps, bpf, set_groups = args
+        return cls(int(uid), int(gid), tuple(drop), int(caps), bytes(bpf), bool(set_groups))
 
 
-_seccomp_lock = threading.Lock()
-_seccomp_cache: tuple[ctypes.Array[ctypes.c_char], sc.SockFprog] | None = None
+_seccomp_lock = _thread.allocate_lock()
+_seccomp_cache: bytes | None = None
+_last_cap_cache: int | None = None
 
 
-@functools.cache
 def _last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 40
+    global _last_cap_cache
+    if _last_cap_cache is None:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                _last_cap_cache = int(f.read())
+        except (OSError, ValueError):
+            _last_cap_cache = 40
+    return _last_cap_cache
 
 
 def build_seccomp_program() -> bytes:
     """Compile the deny-list to classic BPF for the native ABI and its 32-bit compat ABI."""
-    import pyseccomp as seccomp  # deferred: only the server side ever needs libseccomp
+    import tempfile  # deferred, as pyseccomp: the launcher process never compiles
+
+    import pyseccomp as seccomp
 
     filt = seccomp.SyscallFilter(seccomp.ALLOW)
     # 32-bit programs stay usable (with the same rules); any other ABI is killed.
@@ -137,15 +170,12 @@ def build_seccomp_program() -> bytes:
         return f.read()
 
 
-def _seccomp_prog() -> sc.SockFprog:
+def _seccomp_bpf() -> bytes:
     global _seccomp_cache
     with _seccomp_lock:
         if _seccomp_cache is None:
-            code = build_seccomp_program()
-            buf = ctypes.create_string_buffer(code, len(code))
-            prog = sc.SockFprog(len(code) // 8, ctypes.addressof(buf))
-            _seccomp_cache = (buf, prog)  # keeps the buffer alive for the process
-        return _seccomp_cache[1]
+            _seccomp_cache = build_seccomp_program()
+        return _seccomp_cache
 
 
 def prepare(uid: int, gid: int, *, set_groups: bool = True) -> Hardening:
@@ -153,8 +183,7 @@ def prepare(uid: int, gid: int, *, set_groups: bool = True) -> Hardening:
     drop = tuple(c for c in range(_last_cap() + 1) if not ALLOWED_CAPS >> c & 1)
     # A non-root uid loses every capability at setuid(); asking for more would fail.
     caps = ALLOWED_CAPS if uid == 0 else 0
-    header, data = sc.make_capset_args(caps, caps, 0)
-    return Hardening(uid, gid, drop, header, data, _seccomp_prog(), set_groups)
+    return Hardening(uid, gid, drop, caps, _seccomp_bpf(), set_groups)
 
 
 # ----------------------------------------------------------------- child side (after fork)

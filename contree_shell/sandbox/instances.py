@@ -1473,14 +1473,15 @@ def layer_size(upper: Path, *, stop_above: int | None = None) -> int:
 
 
 def network_event(sandbox: Any) -> dict[str, Any]:
-    """The `network` event's payload: the sandbox's interfaces and counters."""
-    pid1 = int(getattr(sandbox, "_pid1", 0) or 0)
+    """The `network` event's payload: the sandbox's interfaces and counters, from the
+    /proc/net files pid 1 read inside its namespace before the command started."""
+    files: dict[str, str] = getattr(sandbox, "network_files", None) or {}
     interfaces: list[dict[str, Any]] = []
     error: str | None = None
     try:
-        with open(f"/proc/{pid1}/net/dev") as fh:
-            lines = fh.read().splitlines()[2:]
-        for line in lines:
+        if not files.get("dev"):
+            raise ValueError("no interface list was reported")
+        for line in files["dev"].splitlines()[2:]:
             name, _, rest = line.partition(":")
             f = [int(x) for x in rest.split()]
             if len(f) < 12:
@@ -1498,9 +1499,9 @@ def network_event(sandbox: Any) -> dict[str, Any]:
                     "tx_drop": f[11],
                 }
             )
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         error = f"cannot read the sandbox's interfaces: {exc}"
-    configured = _configured(pid1)
+    configured = _configured(files)
     nameserver = _nameserver(sandbox)
     if nameserver:
         configured["nameserver"] = nameserver
@@ -1510,37 +1511,28 @@ def network_event(sandbox: Any) -> dict[str, Any]:
     return out
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as fh:
-            return fh.read()
-    except OSError:
-        return ""
-
-
-def _configured(pid1: int) -> dict[str, str]:
-    """Addresses, gateways and DNS the sandbox was given, read through pid 1's /proc."""
-    net = f"/proc/{pid1}/net"
+def _configured(files: dict[str, str]) -> dict[str, str]:
+    """Addresses, gateways and DNS the sandbox was given, from its /proc/net files."""
     out: dict[str, str] = {}
-    for line in _read(f"{net}/route").splitlines()[1:]:
+    for line in files.get("route", "").splitlines()[1:]:
         f = line.split()
         if len(f) > 2 and f[1] == "00000000" and f[2] != "00000000":
             out["ip4_gw"] = socket.inet_ntoa(bytes.fromhex(f[2])[::-1])
             break
     prev = ""
-    for line in _read(f"{net}/fib_trie").splitlines():
+    for line in files.get("fib_trie", "").splitlines():
         text = line.strip()
         if text.startswith("/32 host LOCAL") and not prev.startswith("127."):
             out["ip4"] = prev
             break
         if text.startswith(("|--", "+--")):
             prev = text[3:].strip().split()[0]
-    for line in _read(f"{net}/if_inet6").splitlines():
+    for line in files.get("if_inet6", "").splitlines():
         f = line.split()
         if len(f) >= 6 and f[3] == "00" and f[5] != "lo":  # global scope
             out["ip6"] = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(f[0]))
             break
-    for line in _read(f"{net}/ipv6_route").splitlines():
+    for line in files.get("ipv6_route", "").splitlines():
         f = line.split()
         if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and f[4] != "0" * 32:
             out["ip6_gw"] = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(f[4]))

@@ -1,44 +1,20 @@
-"""Run one command in a fresh sandbox: namespaces, an overlay root, a hardened process.
+"""Run one command in a fresh sandbox: the server's side of a run.
 
 Process tree of one run (host view)::
 
-    launcher ──fork──► intermediate: unshare(mnt pid uts ipc net cgroup),
-                        / rprivate, overlay mounted over the run dir
-                          └─fork─► pid 1: /proc /sys /dev /etc binds, hostname,
-                                   lo up, pivot_root; reaps until the command exits
-                                     └─fork─► command: setsid, uid/gid, caps,
-                                              no_new_privs, seccomp, execvpe
+    launcher ──clone(new namespaces)──► pid 1 "contree-init": cgroups, overlay root,
+                                        /proc /sys /dev, pivot_root; reaps
+                                          └─fork─► command: setsid, uid/gid, caps,
+                                                   no_new_privs, seccomp, execvpe
 
-The launcher (:mod:`launcher`) is a small single-threaded process the server starts once:
-forking the server itself for every run costs several times more. The server sends it
-the plan and the pipe ends, gets back a pidfd of the intermediate, and runs the rest
-(I/O, timeout, status) on the sandbox's own thread as before. Intermediates carry
-PR_SET_PDEATHSIG against the launcher, which exits as soon as the server is gone (even
-by SIGKILL): the intermediate and then pid 1 get SIGKILL, the kernel kills the rest of
-the pid namespace, and the mount namespace (holding the overlay) goes with its last
-process. Nothing is ever mounted in the host's mount namespace.
-
-After fork, children call only ``os`` functions and the pre-resolved ctypes wrappers of
-:mod:`syscalls`; everything they need is prepared as bytes beforehand.
-
-Children report to the server on a status pipe (fd 3 in the children), one line each::
-
-    U                              from the intermediate (rootless, full uid map): its
-                                   user namespace exists; it waits on fd 5 while the
-                                   server runs newuidmap/newgidmap
-    N                              from the intermediate (network runs without a pooled
-                                   namespace): its network namespace exists; the server
-                                   attaches pasta while the children build the root, and
-                                   pid 1 waits for the answer on fd 4 before the command
-    P <host pid of pid 1>          from the intermediate
-    S <namespace pid of command>   from pid 1, once the command is forked
-    R                              from pid 1: the command exec'd (or failed to, with its
-                                   E line first). The command holds a close-on-exec pipe
-                                   until execve; EOF is the event. Signals asked for
-                                   before R are queued and delivered on R, so they hit
-                                   the real program (Sandbox.wait_exec waits for it).
-    E <stage> <errno>              a setup step (or exec) failed
-    X <wait status> <15 rusage counters>   from pid 1 when the command has exited
+Sandboxes are forked by the launcher (:mod:`launcher`, :mod:`nsinit`), a small process
+the server starts once: forking the server itself costs several times more. This module
+plans a run (every path and byte string pid 1 needs), hands the plan and the pipe ends
+to the launcher, and runs the rest on the sandbox's own I/O thread: stdin, output, the
+status lines of :mod:`nsinit` (pid, exec, exit status and rusage), signals, the
+timeout, networking (pasta) and the user-namespace maps of rootless runs. The server
+holds a pidfd of pid 1: killing it kills the whole pid namespace, and its exit means
+every process of the run is gone and the overlay unmounted.
 
 Network (pasta, user-mode NAT): a run takes a namespace from a small pool that already
 has pasta attached and configured (the intermediate setns()es into it: ~+4 ms per run
@@ -84,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contree_shell.sandbox import hardening
+from contree_shell.sandbox import hardening, nsinit
 from contree_shell.sandbox import syscalls as sc
 from contree_shell.sandbox.cgroups import CgroupError, Limits, RunCgroup
 from contree_shell.sandbox.launcher import LAUNCHER
@@ -98,12 +74,12 @@ RUSAGE_KEYS: tuple[str, ...] = (
     "ipc_msgs_received", "signals_received",
 )  # fmt: skip
 
-_NS_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-             | sc.CLONE_NEWNET | sc.CLONE_NEWCGROUP)  # fmt: skip
+# pid 1 is cloned into these (and a user namespace when rootless; the network namespace
+# is joined instead when a pooled one is ready); it unshares its cgroup namespace itself,
+# after joining the run's cgroups.
+_CLONE_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
+                | sc.CLONE_NEWNET)  # fmt: skip
 _READ_CHUNK = 65536
-_STATUS_FD = 3
-_NETGO_FD = 4  # network runs: pid 1 waits here until pasta is attached
-_USERGO_FD = 5  # rootless, full uid map: the intermediate waits here for newuidmap
 # Network on: pasta (user-mode NAT, from the passt package) attaches a tap device to the
 # sandbox's own network namespace; DNS goes to a link-local address pasta forwards to the
 # host's resolver (so a loopback resolver on the host works too).
@@ -112,9 +88,6 @@ PASTA = shutil.which("pasta")
 NETWORK_SUPPORTED = PASTA is not None and (
     os.geteuid() == 0 or os.access("/dev/net/tun", os.R_OK | os.W_OK))
 PASTA_DNS = "169.254.1.1"
-_EXEC_STAGE = b"exec"
-_INIT_NAME = sc.make_name_buffer(b"contree-init")  # what `ps` in the sandbox shows as pid 1
-_SETUP_NAME = sc.make_name_buffer(b"contree-setup")  # the intermediate, on the host
 # Mount points the runtime covers. A scaffold layer at the bottom of every overlay
 # provides them, so an image that lacks one still needs no write into upper.
 _SCAFFOLD_DIRS = ("proc", "sys", "dev", "etc", "tmp")
@@ -251,53 +224,6 @@ class ExitInfo:
 # ----------------------------------------------------------------------------- planning
 
 
-@dataclass
-class _Plan:
-    """Every byte string and structure the children use, built before forking."""
-
-    lowers: list[bytes]  # top first, scaffold last
-    upper: bytes
-    work: bytes
-    target: bytes
-    legacy_dir: bytes
-    legacy_data: bytes
-    hostname: bytes
-    etc_files: list[tuple[bytes, bytes]]  # (target, content)
-    network: bool
-    cgroup_procs: list[bytes]
-    cwd: str
-    argv: list[str]
-    env: dict[str, str]
-    harden: hardening.Hardening
-    lo: sc.IfReq
-    parent_pid: int
-    unshare_flags: int
-    rootless: bool = False
-    full_map: bool = False  # rootless: the server runs newuidmap/newgidmap for us
-    id_maps: list[tuple[bytes, bytes]] = field(default_factory=list)  # (file, content)
-    devpts_opts: bytes = b"newinstance,ptmxmode=0666,mode=0620,gid=5"
-    net_pooled: bool = False  # network: join netns_fd (pasta attached) instead of waiting
-    netns_fd: int = -1
-    new_mount_api: bool = True
-
-    # The plan crosses to the launcher process pickled: the ctypes structures (which hold
-    # pointers) are rebuilt there from their inputs.
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(self.__dict__)
-        h = state.pop("harden")
-        state.pop("lo")
-        state["_harden_args"] = (h.uid, h.gid, h.set_groups)
-        return state
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        args = state.pop("_harden_args")
-        assert isinstance(args, tuple)
-        uid, gid, set_groups = args
-        self.__dict__.update(state)
-        self.harden = hardening.prepare(int(uid), int(gid), set_groups=bool(set_groups))
-        self.lo = _loopback()
-
-
 _scaffold_lock = threading.Lock()
 _scaffold_path: Path | None = None
 _SCAFFOLD_NAME = "contree-scaffold-v1"
@@ -386,13 +312,7 @@ def _harden(spec: RunSpec) -> hardening.Hardening:
         raise SandboxError(f"cannot prepare the seccomp filter: {e}") from e
 
 
-def _loopback() -> sc.IfReq:
-    lo = sc.IfReq()
-    lo.name = b"lo"
-    return lo
-
-
-def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
+def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> nsinit.Plan:
     _validate(spec)
     if not lowers:
         raise SandboxError("an image needs at least one layer")
@@ -409,7 +329,7 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
     rel = [os.fsencode(os.path.relpath(os.fsdecode(p), common)) for p in layers]
     legacy = b"lowerdir=" + b":".join(rel) + b",upperdir=" + upper_b + b",workdir=" + work_b
     hostname = spec.hostname.encode()
-    return _Plan(
+    return nsinit.Plan(
         lowers=layers,
         upper=upper_b,
         work=work_b,
@@ -425,10 +345,9 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
         cwd=spec.cwd,
         argv=list(spec.argv),
         env=dict(spec.env),
-        harden=_harden(spec),
-        lo=_loopback(),
-        parent_pid=os.getpid(),
-        unshare_flags=_NS_FLAGS,
+        harden_args=_harden(spec).args(),
+        clone_flags=_CLONE_FLAGS | (sc.CLONE_NEWUSER if ROOTLESS else 0),
+        net_pooled=False,
         new_mount_api=USE_NEW_MOUNT_API,
         rootless=ROOTLESS,
         full_map=ROOTLESS and _id_map_kind() == "full",
@@ -440,222 +359,11 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> _Plan:
     )
 
 
-# ----------------------------------------------------------------- children (after fork)
-
-
-def _report(line: bytes) -> None:
-    with contextlib.suppress(OSError):
-        os.write(_STATUS_FD, line)
-
-
 # Tests turn this off to exercise the legacy mount(2) path on kernels that have both.
 USE_NEW_MOUNT_API = True
 
 
-def _mount_overlay(plan: _Plan) -> None:
-    fs = -1
-    if plan.new_mount_api:
-        with contextlib.suppress(OSError):
-            fs = sc.fsopen(b"overlay")
-    if fs >= 0:
-        try:
-            for layer in plan.lowers:
-                sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"lowerdir+", layer)
-            sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"upperdir", plan.upper)
-            sc.fsconfig(fs, sc.FSCONFIG_SET_STRING, b"workdir", plan.work)
-            if plan.rootless:  # trusted.* xattrs need CAP_SYS_ADMIN in the host userns
-                sc.fsconfig(fs, sc.FSCONFIG_SET_FLAG, b"userxattr")
-            sc.fsconfig(fs, sc.FSCONFIG_CMD_CREATE)
-            mnt = sc.fsmount(fs)
-            try:
-                sc.move_mount(mnt, plan.target)
-            finally:
-                os.close(mnt)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-        finally:
-            os.close(fs)
-    os.chdir(plan.legacy_dir)  # kernels without lowerdir+: relative layer names
-    data = plan.legacy_data + (b",userxattr" if plan.rootless else b"")
-    sc.mount(b"overlay", plan.target, b"overlay", 0, data)
-
-
-def _write_file(path: bytes, content: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, content)
-    finally:
-        os.close(fd)
-
-
-def _enter_userns(plan: _Plan) -> None:
-    """Rootless: a user namespace whose root is this user (or the full subuid range)."""
-    sc.unshare(sc.CLONE_NEWUSER)
-    if plan.full_map:
-        _report(b"U\n")
-        if os.read(_USERGO_FD, 1) != b"1":
-            os._exit(1)  # the server reported why newuidmap failed
-    else:
-        for path, content in plan.id_maps:
-            _write_file(path, content)
-    # Become root of the namespace for real: the maps exist only now.
-    os.setgid(0)
-    os.setuid(0)
-
-
-def run_intermediate(plan: _Plan, fds: tuple[int, int, int, int], netgo: int,
-                     usergo: int) -> None:  # fmt: skip
-    """First child (forked by the launcher): namespaces and the overlay; never returns."""
-    code = 1
-    stage = b"setup"
-    try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != plan.parent_pid:
-            os._exit(1)  # the launcher died before PDEATHSIG was armed
-        sc.set_process_name(_SETUP_NAME)
-        # Drop the server's signal handlers (and mask): a Python-level handler would run
-        # server code here; pid 1 and the command inherit the defaults.
-        sc.reset_signals(hardening.RESET_SIGNALS)
-        os.dup2(fds[0], 0)
-        os.dup2(fds[1], 1)
-        os.dup2(fds[2], 2)
-        os.dup2(fds[3], _STATUS_FD, inheritable=False)
-        for src, dst in ((netgo, _NETGO_FD), (usergo, _USERGO_FD)):
-            if src >= 0:
-                os.dup2(src, dst, inheritable=False)
-            else:
-                try:
-                    os.close(dst)
-                except OSError:
-                    pass
-        # Drop every other descriptor of the server, including other sandboxes' pipes,
-        # which would otherwise delay their EOF until this run ends.
-        os.closerange(_USERGO_FD + 1, 1 << 20)
-        stage = b"cgroup"
-        for procs in plan.cgroup_procs:  # before the cgroup namespace is unshared
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        if plan.net_pooled:  # a namespace made ahead, with pasta already attached
-            stage = b"network"
-            sc.setns(_NETGO_FD, sc.CLONE_NEWNET)
-            os.close(_NETGO_FD)
-        if plan.rootless:
-            stage = b"userns"
-            _enter_userns(plan)
-            if plan.full_map:
-                os.close(_USERGO_FD)
-        stage = b"unshare"
-        sc.unshare(plan.unshare_flags)
-        if netgo >= 0 and not plan.net_pooled:
-            # The server attaches pasta to this namespace while we (and pid 1) build the
-            # root: pid 1 waits for its answer on fd 4 only before starting the command.
-            _report(b"N\n")
-        stage = b"mount-private"
-        sc.mount(None, b"/", None, sc.MS_REC | sc.MS_PRIVATE)
-        stage = b"mount-overlay"
-        _mount_overlay(plan)
-        alive_r, alive_w = os.pipe()
-        stage = b"fork"
-        pid1 = os.fork()
-        if pid1 == 0:
-            os.close(alive_w)
-            _pid1(plan, alive_r)
-        os.close(alive_r)
-        if plan.network and not plan.net_pooled:
-            os.close(_NETGO_FD)
-        _report(b"P %d\n" % pid1)
-        for fd in (0, 1, 2):
-            os.close(fd)
-        # Wait for pid 1 to be gone: its zombie appears only after every process of the
-        # namespace is dead, so our exit tells the server the overlay is unmounted.
-        os.waitpid(pid1, 0)
-        code = 0
-    except BaseException as e:
-        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
-    finally:
-        os._exit(code)
-
-
-def _pid1(plan: _Plan, alive_r: int) -> None:
-    """pid 1 of the sandbox: finish the root, start the command, reap; never returns."""
-    code = 1
-    stage = b"pid1"
-    try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        sc.set_process_name(_INIT_NAME)
-        os.set_blocking(alive_r, False)
-        try:
-            if os.read(alive_r, 1) == b"":
-                os._exit(1)  # the intermediate is already gone
-        except BlockingIOError:
-            pass
-        os.close(alive_r)
-        os.umask(0o022)
-        os.chdir(plan.target)
-        stage = b"mount-proc"
-        hardening.setup_proc(b"/dev/null")
-        stage = b"mount-sys"
-        hardening.setup_sys()
-        stage = b"mount-dev"
-        hardening.setup_dev(b"/dev", plan.devpts_opts)
-        stage = b"mount-etc"
-        for target, content in plan.etc_files:
-            hardening.bind_private_file(b"dev/.contree-etc", target, content)
-        stage = b"sethostname"
-        sc.sethostname(plan.hostname)
-        stage = b"loopback"
-        sc.interface_up(plan.lo)
-        stage = b"pivot_root"
-        sc.pivot_root(b".", b".")
-        sc.umount2(b".", sc.MNT_DETACH)
-        os.chdir(b"/")
-        stage = b"cwd"
-        os.makedirs(plan.cwd, 0o755, exist_ok=True)
-        os.chdir(plan.cwd)
-        if plan.network and not plan.net_pooled:
-            stage = b"network"
-            if os.read(_NETGO_FD, 1) != b"1":
-                os._exit(1)  # the server knows why pasta failed
-            os.close(_NETGO_FD)
-        stage = b"fork"
-        # The command waits on ``go`` until the server has been told its pid, so a
-        # signal() issued as soon as its first output arrives finds it. It holds
-        # ``exec_w`` (close-on-exec) until execve succeeds: EOF on ``exec_r`` is the
-        # "exec done" event (R) the server delivers queued signals on.
-        go_r, go_w = os.pipe()
-        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
-        cmd = os.fork()
-        if cmd == 0:
-            os.close(go_w)
-            os.close(exec_r)
-            os.read(go_r, 1)
-            os.close(go_r)
-            _command(plan)
-        os.close(go_r)
-        os.close(exec_w)
-        _report(b"S %d\n" % cmd)
-        os.close(go_w)
-        for fd in (0, 1, 2):
-            os.close(fd)
-        os.read(exec_r, 1)  # EOF: exec'd, or failed (its E line is already written)
-        os.close(exec_r)
-        _report(b"R\n")
-        stage = b"wait"
-        while True:
-            pid, status, ru = os.wait4(-1, 0)
-            if pid == cmd:
-                break
-        _report(hardening.exit_line(status, ru))
-        code = 0
-    except BaseException as e:
-        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
-    finally:
-        os._exit(code)
+# ------------------------------------------------------------------------ server side
 
 
 def _exec_helper(parent: int, argv: list[str], pass_fds: list[int], err_w: int) -> None:
@@ -681,35 +389,9 @@ def _exec_helper(parent: int, argv: list[str], pass_fds: list[int], err_w: int) 
         os._exit(127)
 
 
-def _command(plan: _Plan) -> None:
-    """The command: new session, dropped privileges, exec; never returns."""
-    stage = b"harden"
-    try:
-        os.setsid()
-        # Under memory pressure the OOM killer should pick the workload, not pid 1 (whose
-        # death would lose the exit status) nor the server; raising needs no capability.
-        with contextlib.suppress(OSError):
-            fd = os.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"500")
-            finally:
-                os.close(fd)
-        hardening.apply(plan.harden)
-        stage = _EXEC_STAGE
-        os.execvpe(plan.argv[0], plan.argv, plan.env)
-    except BaseException as e:
-        err = getattr(e, "errno", None) or 0
-        _report(b"E %s %d\n" % (stage, err))
-        os._exit(127 if stage != _EXEC_STAGE or err == errno.ENOENT else 126)
-    os._exit(127)
-
-
-# ------------------------------------------------------------------------ server side
-
-
 def _high_fd(fd: int) -> int:
     """Move ``fd`` above 5 so the children's dup2 onto 0..5 cannot clobber it."""
-    if fd > _USERGO_FD:
+    if fd > nsinit.USERGO_FD:
         return fd
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
@@ -943,7 +625,7 @@ def _reap_later(pid: int) -> None:
 class Sandbox:
     """One running sandbox. Thread-safe methods; callbacks run on the sandbox's I/O thread."""
 
-    def __init__(self, plan: _Plan, spec: RunSpec, on_output: Callable[[str, bytes], None],
+    def __init__(self, plan: nsinit.Plan, spec: RunSpec, on_output: Callable[[str, bytes], None],
                  on_exit: Callable[[ExitInfo], None] | None) -> None:  # fmt: skip
         self._plan = plan
         self._spec = spec
@@ -960,11 +642,10 @@ class Sandbox:
         self._exec_ok = False
         self._spawn_error: BaseException | None = None
         self._info: ExitInfo | None = None
-        self._intermediate = 0
-        self._intermediate_fd = -1  # pidfd from the launcher, which reaps the process
-        self._intermediate_gone = False
-        self._pid1 = 0
-        self._pid1_fd = -1
+        self._pid1 = 0  # host pid of pid 1 (the launcher's child; it reaps it)
+        self._pid1_fd = -1  # pidfd of pid 1, from the launcher
+        self._pid1_gone = False
+        self._netns_fd = -1  # a pooled network namespace (pasta attached) for pid 1
         self._ns_pid = 0
         self._cmd_host_pid: int | None = None
         # Signals asked for before the command has exec'd; delivered right after exec so
@@ -1011,9 +692,9 @@ class Sandbox:
         if spec.network and not ROOTLESS and USE_NETWORK_POOL:
             entry = _NET_POOL.take()
             if entry is not None:
-                plan.netns_fd, sb._pasta_pid = entry
+                sb._netns_fd, sb._pasta_pid = entry
                 plan.net_pooled = True
-                plan.unshare_flags &= ~sc.CLONE_NEWNET
+                plan.clone_flags &= ~sc.CLONE_NEWNET
         sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
         sb._thread.start()
         sb._forked.wait()
@@ -1129,16 +810,12 @@ class Sandbox:
                 os.close(fd)
 
     def _kill_locked(self) -> None:
-        if self._intermediate_gone:
+        if self._pid1_gone:
             return
-        self._killed = True
+        self._killed = True  # before pid 1 exists: _io_main kills it as it arrives
         if self._pid1_fd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
-        elif self._intermediate_fd >= 0:
-            # pid 1 unknown yet: killing the intermediate takes pid 1 with it (PDEATHSIG).
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._intermediate_fd, signal.SIGKILL)
 
     def _io_main(self) -> None:
         made: list[int] = []
@@ -1150,18 +827,18 @@ class Sandbox:
             stdin_r, stdin_w, out_r, out_w, err_r, err_w, st_r, st_w = made[:8]
             extra = made[8:]
             go_r, self._netgo_w = (extra.pop(0), extra.pop(0)) if wait_net else (-1, -1)
-            if self._plan.net_pooled:  # the intermediate setns()es into it on fd 4
-                go_r = pooled_fd = self._plan.netns_fd
-                self._plan.netns_fd = -1
+            if self._plan.net_pooled:  # pid 1 setns()es into it on fd 4
+                go_r = pooled_fd = self._netns_fd
+                self._netns_fd = -1
             ugo_r, self._usergo_w = (extra.pop(0), extra.pop(0)) if extra else (-1, -1)
             child_ends = (stdin_r, out_w, err_w, st_w)
             self._t0 = time.monotonic()
             pid, pidfd = LAUNCHER.spawn(self._plan, child_ends, go_r, ugo_r)
         except BaseException as e:  # EMFILE, EAGAIN, no launcher...: start() raises it
-            for fd in (*made, pooled_fd, self._plan.netns_fd):
+            for fd in (*made, pooled_fd, self._netns_fd):
                 if fd >= 0:
                     os.close(fd)
-            self._plan.netns_fd = -1
+            self._netns_fd = -1
             self._netgo_w = self._usergo_w = -1
             self._spawn_error = e
             self._forked.set()
@@ -1170,7 +847,10 @@ class Sandbox:
             if fd >= 0:
                 os.close(fd)
         with self._lock:
-            self._intermediate, self._intermediate_fd = pid, pidfd
+            self._pid1, self._pid1_fd = pid, pidfd
+            if self._killed:  # kill() or the timeout came first
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         self._forked.set()
         try:
             self._loop(stdin_w, out_r, err_r, st_r)
@@ -1196,7 +876,7 @@ class Sandbox:
         try:
             for tool, own, sub in (("newuidmap", uid, SUBUIDS), ("newgidmap", gid, SUBGIDS)):
                 assert sub is not None
-                argv = [tool, str(self._intermediate), "0", str(own), "1",
+                argv = [tool, str(self._pid1), "0", str(own), "1",
                         "1", str(sub[0]), str(sub[1])]  # fmt: skip
                 res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
                 if res.returncode != 0:
@@ -1222,9 +902,9 @@ class Sandbox:
         answer = b"0"
         fds: list[int] = []
         try:
-            fds.append(os.open(f"/proc/{self._intermediate}/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(os.open(f"/proc/{self._pid1}/ns/net", os.O_RDONLY | os.O_CLOEXEC))
             if self._plan.rootless:  # join the sandbox's user namespace first
-                fds.append(os.open(f"/proc/{self._intermediate}/ns/user",
+                fds.append(os.open(f"/proc/{self._pid1}/ns/user",
                                    os.O_RDONLY | os.O_CLOEXEC))  # fmt: skip
             pid, self._net_error = _start_pasta(fds[0], fds[1] if len(fds) > 1 else None)
             if pid:
@@ -1345,18 +1025,10 @@ class Sandbox:
         if not parts:
             return
         kind = parts[0]
-        if kind == b"P":
-            pid1 = int(parts[1])
-            try:
-                fd = sc.pidfd_open(pid1)
-            except OSError:
-                fd = -1
-            with self._lock:
-                self._pid1 = pid1
-                self._pid1_fd = fd
-                if self._killed and fd >= 0:
-                    with contextlib.suppress(OSError):
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        if kind == b"W":
+            texts = [b"" if part == b"-" else bytes.fromhex(part.decode()) for part in parts[1:]]
+            self.network_files = {name: text.decode(errors="replace")
+                                  for name, text in zip(nsinit.NET_FILES, texts, strict=False)}  # fmt: skip
         elif kind == b"N":
             self._attach_network()
         elif kind == b"U":
@@ -1379,6 +1051,8 @@ class Sandbox:
             self._status = int(parts[1])
             self._rusage = dict(zip(RUSAGE_KEYS, (int(p) for p in parts[2:]), strict=False))
 
+    # Network runs: pid 1's /proc/net files (nsinit.NET_FILES), read before the command.
+    network_files: dict[str, str] | None = None
     _error: tuple[str, int] | None = None
     _cgroup: RunCgroup | None = None
     _net_error: str | None = None
@@ -1390,19 +1064,14 @@ class Sandbox:
     _rusage: dict[str, int] | None = None
 
     def _finish(self) -> None:
-        # The intermediate exits only after pid 1 (and so the whole namespace) is gone,
-        # unless it was killed itself, in which case wait on pid 1 directly. (The
-        # launcher reaps it; its pidfd tells us it has exited.)
-        _wait_exit(self._intermediate_fd)
+        # pid 1 exits (its pidfd turns readable) only after every process of its pid
+        # namespace is gone, and with them the mount namespace holding the overlay.
+        _wait_exit(self._pid1_fd)
         with self._lock:
-            self._intermediate_gone = True
+            self._pid1_gone = True
             pid1_fd, self._pid1_fd = self._pid1_fd, -1
-            inter_fd, self._intermediate_fd = self._intermediate_fd, -1
-        os.close(inter_fd)
+        os.close(pid1_fd)
         self._stop_pasta()
-        if pid1_fd >= 0:
-            _wait_exit(pid1_fd)
-            os.close(pid1_fd)
         duration = time.monotonic() - self._t0
         self._info = self._exit_info(duration)
         if self._cgroup is not None:
@@ -1445,7 +1114,7 @@ class Sandbox:
             reason = os.strerror(err) if err else "failed"
             if self._userns_error is not None:
                 error = f"user namespace setup failed: {self._userns_error}"
-            elif stage == _EXEC_STAGE.decode():
+            elif stage == nsinit.EXEC_STAGE.decode():
                 error = f"exec {self._spec.argv[0]}: {reason}"
                 if not self._timed_out:
                     exit_code = 127 if err == errno.ENOENT else 126

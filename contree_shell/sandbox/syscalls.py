@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -70,11 +69,12 @@ SOCK_CLOEXEC = 0o2000000
 # Syscall numbers glibc has no wrapper for. The mount-API numbers are shared by every
 # architecture (they were added after the syscall table unification); pivot_root is not.
 _SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
-    "x86_64": {"pivot_root": 155, "pidfd_open": 434},
-    "aarch64": {"pivot_root": 41, "pidfd_open": 434},
+    "x86_64": {"pivot_root": 155, "pidfd_open": 434, "clone": 56},
+    "aarch64": {"pivot_root": 41, "pidfd_open": 434, "clone": 220},
 }
-_NR = _SYSCALL_NUMBERS.get(platform.machine(), _SYSCALL_NUMBERS["x86_64"])
+_NR = _SYSCALL_NUMBERS.get(os.uname().machine, _SYSCALL_NUMBERS["x86_64"])
 NR_PIVOT_ROOT = _NR["pivot_root"]
+NR_CLONE = _NR["clone"]
 NR_PIDFD_OPEN = _NR["pidfd_open"]
 NR_MOVE_MOUNT = 429
 NR_FSOPEN = 430
@@ -179,6 +179,24 @@ def move_mount(from_fd: int, to_path: bytes, from_path: bytes = b"",
     """move_mount(2): attach the detached mount ``from_fd`` at ``to_path`` (AT_FDCWD-relative)."""
     _check(_syscall(NR_MOVE_MOUNT, ctypes.c_int(from_fd), ctypes.c_char_p(from_path),
                     ctypes.c_int(to_dfd), ctypes.c_char_p(to_path), ctypes.c_uint(flags)))  # fmt: skip
+
+
+# clone(2) through PyDLL: the GIL stays held across the call, so the child resumes holding
+# it, as after os.fork().
+_raw_syscall = ctypes.PyDLL(None, use_errno=True).syscall
+_raw_syscall.restype = ctypes.c_long
+_SIGCHLD = 17
+
+
+def clone(flags: int) -> int:
+    """A fork whose child starts in new namespaces (``flags``: CLONE_NEW*): 0 in the child.
+
+    The raw syscall skips the C library's and Python's fork handlers, which is only safe
+    in a single-threaded process (no lock can be held by a thread that is not copied).
+    """
+    zero = ctypes.c_long(0)
+    return _check(_raw_syscall(ctypes.c_long(NR_CLONE), ctypes.c_ulong(flags | _SIGCHLD),
+                               zero, zero, zero, zero))  # fmt: skip
 
 
 def pidfd_open(pid: int) -> int:
