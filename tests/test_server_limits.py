@@ -4,6 +4,8 @@ controller the host lacks."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import pytest
 
 from contree_shell.sandbox import cgroups
 from contree_shell.server import daemon
-from tests.test_server_support import (
+from tests.test_server_support import (  # noqa: F401 - fixtures
     ApiServer,
+    api_server,
     import_busybox,
     start_api_server,
     wait_done,
@@ -29,16 +32,45 @@ def test_parse_bytes_accepts_suffixes() -> None:
             daemon.parse_bytes(bad)
 
 
-def test_no_settings_means_no_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_limit_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CONTREE_LIMIT_MEMORY", "CONTREE_LIMIT_PIDS", "CONTREE_LIMIT_CPUS"):
         monkeypatch.delenv(name, raising=False)
+
+
+def _all_controllers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroups, "detect", lambda: cgroups.Layout(
+        v2=Path("/sys/fs/cgroup"), v2_controllers=frozenset({"memory", "pids", "cpu"})))
+    monkeypatch.setattr(cgroups, "limits_available", lambda layout=None: True)
+
+
+def test_no_settings_means_the_default_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_limit_env(monkeypatch)
+    _all_controllers(monkeypatch)
+    limits = daemon.server_limits()
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert limits == cgroups.Limits(memory_bytes=max(256 << 20, ram // 2),
+                                    pids=daemon.DEFAULT_PIDS, cpus=None)
+
+
+def test_none_lifts_a_default_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_limit_env(monkeypatch)
+    _all_controllers(monkeypatch)
+    assert daemon.server_limits(memory="none").memory_bytes is None
+    monkeypatch.setenv("CONTREE_LIMIT_PIDS", "unlimited")
+    assert daemon.server_limits(memory="1G") == cgroups.Limits(memory_bytes=1 << 30)
+    assert daemon.server_limits(memory="none") is None
+
+
+def test_no_limits_when_cgroups_cannot_be_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_limit_env(monkeypatch)
+    monkeypatch.setattr(cgroups, "limits_available", lambda layout=None: False)
     assert daemon.server_limits() is None
+    assert daemon.server_limits(memory="1G", pids="10") is None
 
 
 def test_settings_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONTREE_LIMIT_PIDS", "99")
-    monkeypatch.setattr(cgroups, "detect", lambda: cgroups.Layout(
-        v2=Path("/sys/fs/cgroup"), v2_controllers=frozenset({"memory", "pids", "cpu"})))
+    _all_controllers(monkeypatch)
     limits = daemon.server_limits(memory="1G", pids="50", cpus="0.5")
     assert limits == cgroups.Limits(memory_bytes=1 << 30, pids=50, cpus=0.5)
     assert daemon.server_limits().pids == 99
@@ -46,8 +78,10 @@ def test_settings_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_a_missing_controller_is_dropped_with_one_warning(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _no_limit_env(monkeypatch)
     monkeypatch.setattr(cgroups, "detect", lambda: cgroups.Layout(
         v2=Path("/sys/fs/cgroup"), v2_controllers=frozenset({"pids"})))
+    monkeypatch.setattr(cgroups, "limits_available", lambda layout=None: True)
     with caplog.at_level(logging.WARNING, logger="contree"):
         limits = daemon.server_limits(memory="1G", pids="50", cpus="1")
     assert limits == cgroups.Limits(pids=50)
@@ -92,3 +126,42 @@ def test_server_pids_limit_applies_to_every_run(limited: ApiServer) -> None:
     # The shell gives up at the first refused fork, long before 60 sleepers.
     assert "all started" not in result["stdout"]["value"]
     assert "can't fork" in result["stderr"]["value"]
+
+
+def _limit_files(cgroup_dir: Path) -> dict[str, str]:
+    names = ("pids.max", "memory.limit_in_bytes", "memory.max")
+    return {n: (cgroup_dir / n).read_text().strip() for n in names if (cgroup_dir / n).exists()}
+
+
+def test_a_server_without_settings_runs_everything_under_the_default_limits(
+    api_server: ApiServer,  # noqa: F811
+) -> None:
+    """The module's server was started with no limit settings at all."""
+    layout = cgroups.detect()
+    have = set(layout.v1) | set(layout.v2_controllers)
+    if not {"memory", "pids"} <= have:
+        pytest.skip("this host lacks the memory or pids cgroup controller")
+    with api_server.http() as http:
+        resp = http.post("/v1/instances", json={
+            "image": api_server.busybox, "command": "sleep 30", "shell": True,
+            "networking": {"enabled": False}})
+        assert resp.status_code == 201, resp.text
+        op = resp.json()["uuid"]
+        try:
+            records = []
+            deadline = time.monotonic() + 30
+            while not records and time.monotonic() < deadline:  # written as the run starts
+                records = list((api_server.home / "store" / "runs").glob("*/cgroups"))
+                time.sleep(0.01)
+            assert len(records) == 1
+            found: dict[str, str] = {}
+            for line in records[0].read_text().split():
+                found.update(_limit_files(Path(line)))
+        finally:
+            assert http.delete(f"/v1/operations/{op}").status_code == 202
+            wait_done(http, op)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert found["pids.max"] == str(daemon.DEFAULT_PIDS)
+    memory = found.get("memory.limit_in_bytes") or found["memory.max"]
+    page = os.sysconf("SC_PAGE_SIZE")  # v1 rounds the limit down to whole pages
+    assert int(memory) == max(256 << 20, ram // 2) // page * page

@@ -133,11 +133,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     run.add_argument(
-        "--memory", metavar="BYTES", help="memory limit per run, e.g. 2G (env CONTREE_LIMIT_MEMORY)"
+        "--memory",
+        metavar="BYTES",
+        help="memory limit per run, e.g. 2G, or none (default: half of the host's RAM; "
+        "env CONTREE_LIMIT_MEMORY)",
     )
-    run.add_argument("--pids", metavar="N", help="process limit per run (env CONTREE_LIMIT_PIDS)")
     run.add_argument(
-        "--cpus", metavar="N", help="CPU limit per run, e.g. 0.5 (env CONTREE_LIMIT_CPUS)"
+        "--pids",
+        metavar="N",
+        help=f"process limit per run, or none (default {daemon.DEFAULT_PIDS}; "
+        "env CONTREE_LIMIT_PIDS)",
+    )
+    run.add_argument(
+        "--cpus",
+        metavar="N",
+        help="CPU limit per run, e.g. 0.5 (default: none; env CONTREE_LIMIT_CPUS)",
     )
     run.add_argument(
         "--snapshot-mtime",

@@ -267,25 +267,55 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+DEFAULT_PIDS = 4096
+_NO_LIMIT = ("none", "off", "unlimited")
+
+
+def default_memory_limit() -> int | None:
+    """Half of this host's physical memory (at least 256 MiB): one run's memory hog is
+    OOM-killed inside its own cgroup before it can take the host or the server down."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    return max(256 << 20, total // 2)
+
+
+def _limit_setting(value: str | None, env: str) -> str | None:
+    """The setting, else the environment; None when neither is given."""
+    text = value if value is not None else os.environ.get(env)
+    return text.strip() if text and text.strip() else None
+
+
 def server_limits(
     memory: str | None = None, pids: str | None = None, cpus: str | None = None
 ) -> Any:
     """The server-wide run limits (cgroups.Limits) from settings, else the environment
-    (CONTREE_LIMIT_MEMORY, CONTREE_LIMIT_PIDS, CONTREE_LIMIT_CPUS); None when unset.
+    (CONTREE_LIMIT_MEMORY, CONTREE_LIMIT_PIDS, CONTREE_LIMIT_CPUS), else the defaults:
+    memory half of the host's RAM, 4096 processes, no CPU quota. "none" lifts a limit.
+    None when no limit is left, or when the server is not root (no cgroups to use).
 
     A limit whose cgroup controller this host lacks is dropped with a one-line warning,
     so runs still start.
     """
     from contree_shell.sandbox import cgroups
 
-    memory = memory or os.environ.get("CONTREE_LIMIT_MEMORY") or None
-    pids = pids or os.environ.get("CONTREE_LIMIT_PIDS") or None
-    cpus = cpus or os.environ.get("CONTREE_LIMIT_CPUS") or None
+    memory = _limit_setting(memory, "CONTREE_LIMIT_MEMORY")
+    pids = _limit_setting(pids, "CONTREE_LIMIT_PIDS")
+    cpus = _limit_setting(cpus, "CONTREE_LIMIT_CPUS")
     try:
         limits = cgroups.Limits(
-            memory_bytes=parse_bytes(memory) if memory else None,
-            pids=int(pids) if pids else None,
-            cpus=float(cpus) if cpus else None,
+            memory_bytes=(
+                default_memory_limit() if memory is None
+                else None if memory.lower() in _NO_LIMIT
+                else parse_bytes(memory)
+            ),
+            pids=(
+                DEFAULT_PIDS if pids is None
+                else None if pids.lower() in _NO_LIMIT
+                else int(pids)
+            ),
+            cpus=None if cpus is None or cpus.lower() in _NO_LIMIT else float(cpus),
         )
     except ValueError as exc:
         raise ServerStartError(f"invalid resource limit setting: {exc}") from None
@@ -293,16 +323,20 @@ def server_limits(
         limits.cpus is not None and limits.cpus <= 0
     ):
         raise ServerStartError("resource limits must be positive")
+    if not cgroups.limits_available():
+        return None  # rootless or no cgroups: startup_report() says so once
     wanted = limits.controllers()
     if not wanted:
         return None
     layout = cgroups.detect()
     available = set(layout.v1) | set(layout.v2_controllers)
     missing = [c for c in wanted if c not in available]
-    if missing:
+    # A default that cannot apply is already in startup_report(); a setting gets its own.
+    asked = {"memory": memory, "pids": pids, "cpu": cpus}
+    if [c for c in missing if asked[c] is not None]:
         log.warning(
             "cgroup controller(s) %s not available: those run limits are not applied",
-            ", ".join(missing),
+            ", ".join(c for c in missing if asked[c] is not None),
         )
         limits = cgroups.Limits(
             memory_bytes=None if "memory" in missing else limits.memory_bytes,
