@@ -61,13 +61,21 @@ class Launcher:
         Raises LauncherError when the fork failed or the launcher is gone.
         """
         send = [*fds, *(fd for fd in (netgo, usergo) if fd >= 0)]
-        request = (plan.wire(), netgo >= 0, usergo >= 0)
+        return self._call(("run", plan.wire(), netgo >= 0, usergo >= 0), send)
+
+    def exec_helper(self, argv: list[str], err_fd: int, pass_fds: list[int]) -> tuple[int, int]:
+        """Start a host-side helper (pasta) that dies with the launcher: stdin and stdout
+        on /dev/null, stderr on ``err_fd``, ``pass_fds`` as descriptors 3, 4, ...
+        Returns (pid, pidfd); the launcher reaps it, the caller kills it by the pidfd."""
+        return self._call(("exec", argv), [err_fd, *pass_fds])
+
+    def _call(self, request: tuple[object, ...], send: list[int]) -> tuple[int, int]:
         with self._lock:
             for attempt in (1, 2):
                 sock = self._ensure()
                 try:
                     nsinit.send_message(sock, request, send)
-                except OSError as e:  # the launcher died since the last spawn: restart once
+                except OSError as e:  # the launcher died since the last call: restart once
                     self._stop()
                     if attempt == 2:
                         raise LauncherError(e.errno, f"sandbox launcher: {e.strerror}") from e

@@ -35,14 +35,17 @@ Children report to the server on a status pipe (fd 3), one line each::
 Protocol with the server, over a private AF_UNIX stream socketpair (the server
 serializes requests, so a reply answers the last request)::
 
-    server → launcher   8-byte length + marshal of (plan fields, has_netgo, has_usergo),
-                        the child's descriptors as SCM_RIGHTS on the length
+    server → launcher   8-byte length + marshal of a request, its descriptors as
+                        SCM_RIGHTS on the length:
+                        ("run", plan fields, has_netgo, has_usergo): a sandbox;
+                        ("exec", argv): a host-side helper (pasta), descriptors
+                        [stderr, *passed as 3, 4, ...]
     launcher → server   8-byte length + marshal of (pid, errno, message),
-                        pid 1's pidfd as SCM_RIGHTS
+                        a pidfd of the new process as SCM_RIGHTS
 
 Lifetime: the launcher exits when its socket reaches EOF, which the kernel provides the
-moment the server dies (even by SIGKILL). pid 1 carries PR_SET_PDEATHSIG against the
-launcher, so the kernel then kills every pid namespace, and each mount namespace (with
+moment the server dies (even by SIGKILL). pid 1 and the helpers carry PR_SET_PDEATHSIG
+against the launcher, so the kernel then kills every pid namespace, and each mount namespace (with
 its overlay) goes with its last process. Nothing is mounted in the host's namespace.
 """
 
@@ -402,18 +405,56 @@ def _high(fd: int) -> int:
     return new
 
 
-def _spawn(wire: Any, fds: list[int], launcher_fd: int) -> tuple[tuple[int, int, str], list[int]]:
-    plan_wire, has_netgo, has_usergo = wire
-    plan = Plan.from_wire(plan_wire)
-    extra = fds[4:]
-    netgo = extra.pop(0) if has_netgo else -1
-    usergo = extra.pop(0) if has_usergo else -1
+def _exec_helper(argv: list[str], err_fd: int, pass_fds: list[int], launcher_fd: int) -> None:
+    """A host-side helper (pasta): stdio on /dev/null and ``err_fd``, ``pass_fds`` as 3, 4,
+    ...; dies with the launcher; never returns."""
     try:
-        pid = sc.clone(plan.clone_flags)
-    except OSError as e:
-        return (0, e.errno or 1, f"cannot start a sandbox: {e.strerror}"), []
-    if pid == 0:
-        run_pid1(plan, fds[:4], netgo, usergo, launcher_fd)  # never returns
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if select.select([launcher_fd], [], [], 0)[0]:
+            os._exit(1)
+        sc.reset_signals(hardening.RESET_SIGNALS)
+        for i, fd in enumerate(pass_fds):  # out of the way of 0..4 first
+            os.dup2(fd, 100 + i)
+        os.dup2(err_fd, 99)
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(99, 2)
+        for i in range(len(pass_fds)):
+            os.dup2(100 + i, 3 + i)  # inheritable: pasta opens /proc/self/fd/3 (and 4)
+        os.closerange(3 + len(pass_fds), 1 << 20)
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+
+
+def _spawn(request: Any, fds: list[int], launcher_fd: int
+           ) -> tuple[tuple[int, int, str], list[int]]:  # fmt: skip
+    kind = request[0]
+    if kind == "exec":
+        argv = [str(a) for a in request[1]]
+        if not fds:
+            raise ValueError("exec needs a stderr descriptor")
+        try:
+            pid = os.fork()
+        except OSError as e:
+            return (0, e.errno or 1, f"cannot start {argv[0]}: {e.strerror}"), []
+        if pid == 0:
+            _exec_helper(argv, fds[0], fds[1:], launcher_fd)  # never returns
+    elif kind == "run":
+        _kind, plan_wire, has_netgo, has_usergo = request
+        plan = Plan.from_wire(plan_wire)
+        extra = fds[4:]
+        netgo = extra.pop(0) if has_netgo else -1
+        usergo = extra.pop(0) if has_usergo else -1
+        try:
+            pid = sc.clone(plan.clone_flags)
+        except OSError as e:
+            return (0, e.errno or 1, f"cannot start a sandbox: {e.strerror}"), []
+        if pid == 0:
+            run_pid1(plan, fds[:4], netgo, usergo, launcher_fd)  # never returns
+    else:
+        raise ValueError(f"unknown request {kind!r}")
     try:
         pidfd = sc.pidfd_open(pid)
     except OSError as e:  # cannot happen while the child is unreaped; do not leak it
@@ -464,12 +505,12 @@ def main() -> None:
                 return
             if message is None:
                 return  # the server is gone; our sandboxes die with us (PDEATHSIG)
-            wire, fds = message
+            request, fds = message
             fds = [_high(fd) for fd in fds]
             try:
-                reply, send = _spawn(wire, fds, launcher_fd)
-            except (ValueError, TypeError) as e:  # a malformed plan: answer, go on
-                reply, send = (0, errno.EINVAL, f"bad sandbox plan: {e}"), []
+                reply, send = _spawn(request, fds, launcher_fd)
+            except (ValueError, TypeError, IndexError) as e:  # malformed: answer, go on
+                reply, send = (0, errno.EINVAL, f"bad launcher request: {e}"), []
             finally:
                 for fd in fds:
                     os.close(fd)

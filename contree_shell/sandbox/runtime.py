@@ -366,29 +366,6 @@ USE_NEW_MOUNT_API = True
 # ------------------------------------------------------------------------ server side
 
 
-def _exec_helper(parent: int, argv: list[str], pass_fds: list[int], err_w: int) -> None:
-    """Child that becomes a host-side helper (pasta) dying with the server's I/O thread."""
-    try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-        sc.reset_signals(hardening.RESET_SIGNALS)
-        # Out of the way of 0..4 first, whatever numbers they had.
-        for i, fd in enumerate(pass_fds):
-            os.dup2(fd, 100 + i)
-        os.dup2(err_w, 99)
-        null = os.open("/dev/null", os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.dup2(99, 2)
-        for i in range(len(pass_fds)):
-            os.dup2(100 + i, 3 + i)  # inheritable: pasta opens /proc/self/fd/3 (and 4)
-        os.closerange(3 + len(pass_fds), 1 << 20)
-        os.execv(argv[0], argv)
-    finally:
-        os._exit(127)
-
-
 def _high_fd(fd: int) -> int:
     """Move ``fd`` above 5 so the children's dup2 onto 0..5 cannot clobber it."""
     if fd > nsinit.USERGO_FD:
@@ -427,22 +404,22 @@ class _NetPool:
     """Network namespaces with pasta already attached and configured, made ahead of time.
 
     pasta needs ~20 ms to get ready; a run that finds one here only pays a setns(2).
-    Each namespace serves exactly one run. The pool thread lives as long as the server,
-    so its pastas (PDEATHSIG on that thread) die with it. Root only: rootless runs need
-    the namespace owned by their own user namespace.
+    Each namespace serves exactly one run. The pastas are the launcher's children and die
+    with it (an entry whose pasta is gone is dropped). Root only: rootless runs need the
+    namespace owned by their own user namespace.
     """
 
     SIZE = 2
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ready: deque[tuple[int, int]] = deque()  # (netns fd, pasta pid)
+        self._ready: deque[tuple[int, int]] = deque()  # (netns fd, pasta pidfd)
         self._want = threading.Event()
         self._thread: threading.Thread | None = None
         self._broken = False
 
     def take(self) -> tuple[int, int] | None:
-        """A ready (netns fd, pasta pid), now owned by the caller; None if none is ready
+        """A ready (netns fd, pasta pidfd), now owned by the caller; None if none is ready
         (the caller then attaches pasta itself). The first call starts the pool."""
         with self._lock:
             if self._broken:
@@ -453,15 +430,12 @@ class _NetPool:
                 self._thread.start()
             entry = None
             while self._ready and entry is None:
-                ns_fd, pid = self._ready.popleft()
-                try:
-                    alive = os.waitpid(pid, os.WNOHANG) == (0, 0)
-                except ChildProcessError:
-                    alive = False
-                if alive:
-                    entry = (ns_fd, pid)
-                else:
+                ns_fd, pasta = self._ready.popleft()
+                if _exited(pasta):
                     os.close(ns_fd)
+                    os.close(pasta)
+                else:
+                    entry = (ns_fd, pasta)
         self._want.set()
         return entry
 
@@ -505,11 +479,11 @@ class _NetPool:
             ns_fd = _high_fd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
         finally:
             sc.setns(host, sc.CLONE_NEWNET)
-        pid, _err = _start_pasta(ns_fd, None)
-        if not pid:
+        pasta, _err = _start_pasta(ns_fd, None)
+        if pasta < 0:
             os.close(ns_fd)
             return None
-        return ns_fd, pid
+        return ns_fd, pasta
 
 
 _NET_POOL = _NetPool()
@@ -527,20 +501,19 @@ def _warn_no_limits_once() -> None:
 
 
 def _start_pasta(ns_fd: int, user_fd: int | None) -> tuple[int, str | None]:
-    """Start pasta on the network namespace ``ns_fd``; (pid, None) once it is ready.
+    """Start pasta on the network namespace ``ns_fd``; (pidfd, None) once it is ready.
 
-    pasta runs in the foreground as our child, with PDEATHSIG tied to the calling thread,
-    and is SIGKILLed by its owner: left alone it would hold the namespace (and itself)
-    alive forever. It drops privileges before joining a namespace, so it gets the
-    namespace as an inherited fd (its own /proc/self/fd entry is always openable). It
-    writes its pid file once the interface, addresses and routes are configured: the
-    pid file is a FIFO we read, which makes readiness an event instead of a poll.
-    On failure: (0, the reason).
+    pasta runs in the foreground as a child of the launcher (PDEATHSIG against it) and is
+    SIGKILLed by its owner: left alone it would hold the namespace (and itself) alive
+    forever. It drops privileges before joining a namespace, so it gets the namespace as
+    an inherited fd (its own /proc/self/fd entry is always openable). It writes its pid
+    file once the interface, addresses and routes are configured: the pid file is a FIFO
+    we read, which makes readiness an event instead of a poll. On failure: (-1, reason).
     """
     assert PASTA is not None
     scratch = tempfile.mkdtemp(prefix="contree-pasta-")
     fds: list[int] = []
-    pid = 0
+    pidfd = -1
     try:
         fifo = os.path.join(scratch, "ready")
         os.mkfifo(fifo, 0o600)
@@ -556,39 +529,35 @@ def _start_pasta(ns_fd: int, user_fd: int | None) -> tuple[int, str | None]:
                 # reach the host's loopback services), no gateway → host mapping.
                 "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]  # fmt: skip
         pass_fds = [ns_fd] if user_fd is None else [ns_fd, user_fd]
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _exec_helper(parent, argv, pass_fds, err_w)
+        _pid, pidfd = LAUNCHER.exec_helper(argv, err_w, pass_fds)
         os.close(err_w)
         fds.remove(err_w)
-        if _wait_ready(pid, ready_r):
-            return pid, None
+        if _wait_ready(pidfd, ready_r):
+            return pidfd, None
         os.set_blocking(err_r, False)
         reason = "pasta did not start"
         with contextlib.suppress(OSError):
             lines = os.read(err_r, 4096).decode(errors="replace").strip().splitlines()
             reason = lines[-1] if lines else reason
-    except OSError as e:
+    except OSError as e:  # LauncherError included
         reason = str(e)
     finally:
         for fd in fds:
             os.close(fd)
         shutil.rmtree(scratch, ignore_errors=True)
-    if pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _reap_later(pid)
-    return 0, reason
+    if pidfd >= 0:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+    return -1, reason
 
 
-def _wait_ready(pid: int, ready_r: int) -> bool:
+def _wait_ready(pidfd: int, ready_r: int) -> bool:
     """True once pasta has written its pid; False if it exits or takes too long."""
-    pid_fd = sc.pidfd_open(pid)
     sel = selectors.DefaultSelector()
     try:
         sel.register(ready_r, selectors.EVENT_READ, "ready")
-        sel.register(pid_fd, selectors.EVENT_READ, "exit")
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
         deadline = time.monotonic() + 30
         while (left := deadline - time.monotonic()) > 0:
             for key, _mask in sel.select(left):
@@ -602,7 +571,13 @@ def _wait_ready(pid: int, ready_r: int) -> bool:
         return False
     finally:
         sel.close()
-        os.close(pid_fd)
+
+
+def _exited(pidfd: int) -> bool:
+    """True when the process behind ``pidfd`` has exited (the pidfd is readable)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(pidfd, selectors.EVENT_READ)
+        return bool(sel.select(0))
 
 
 def _wait_exit(pidfd: int) -> None:
@@ -610,16 +585,6 @@ def _wait_exit(pidfd: int) -> None:
     with selectors.DefaultSelector() as sel:
         sel.register(pidfd, selectors.EVENT_READ)
         sel.select(None)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def _reap_later(pid: int) -> None:
-    """Reap an already-killed child without waiting for it here."""
-    threading.Thread(target=_reap, args=(pid,), name="sandbox-reap", daemon=True).start()
 
 
 class Sandbox:
@@ -692,7 +657,7 @@ class Sandbox:
         if spec.network and not ROOTLESS and USE_NETWORK_POOL:
             entry = _NET_POOL.take()
             if entry is not None:
-                sb._netns_fd, sb._pasta_pid = entry
+                sb._netns_fd, sb._pasta_fd = entry
                 plan.net_pooled = True
                 plan.clone_flags &= ~sc.CLONE_NEWNET
         sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
@@ -906,9 +871,9 @@ class Sandbox:
             if self._plan.rootless:  # join the sandbox's user namespace first
                 fds.append(os.open(f"/proc/{self._pid1}/ns/user",
                                    os.O_RDONLY | os.O_CLOEXEC))  # fmt: skip
-            pid, self._net_error = _start_pasta(fds[0], fds[1] if len(fds) > 1 else None)
-            if pid:
-                self._pasta_pid = pid
+            pasta, self._net_error = _start_pasta(fds[0], fds[1] if len(fds) > 1 else None)
+            if pasta >= 0:
+                self._pasta_fd = pasta
                 answer = b"1"
         except OSError as e:
             self._net_error = str(e)
@@ -919,15 +884,14 @@ class Sandbox:
 
 
     def _stop_pasta(self) -> None:
-        # SIGKILL, then reap on a helper thread: pasta's exit closes its tap device, and
-        # unregistering a network device waits for RCU grace periods (20-50 ms measured)
-        # that the run's result need not wait for. The dying process has already dropped
-        # its descriptors and namespaces by then.
-        if self._pasta_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pasta_pid, signal.SIGKILL)
-            _reap_later(self._pasta_pid)
-            self._pasta_pid = 0
+        # SIGKILL and move on: the launcher reaps it. pasta's exit closes its tap device,
+        # and unregistering a network device waits for RCU grace periods (20-50 ms
+        # measured) that the run's result need not wait for.
+        if self._pasta_fd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pasta_fd, signal.SIGKILL)
+            os.close(self._pasta_fd)
+            self._pasta_fd = -1
 
     def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
         sel = selectors.DefaultSelector()
@@ -1056,7 +1020,7 @@ class Sandbox:
     _error: tuple[str, int] | None = None
     _cgroup: RunCgroup | None = None
     _net_error: str | None = None
-    _pasta_pid = 0
+    _pasta_fd = -1
     _netgo_w = -1
     _usergo_w = -1
     _userns_error: str | None = None
