@@ -17,6 +17,8 @@ from tests.test_server_support import (  # noqa: F401 - fixtures
     ApiServer,
     api_server,
     import_busybox,
+    run,
+    spawn,
     start_api_server,
     wait_done,
 )
@@ -165,3 +167,23 @@ def test_a_server_without_settings_runs_everything_under_the_default_limits(
     memory = found.get("memory.limit_in_bytes") or found["memory.max"]
     page = os.sysconf("SC_PAGE_SIZE")  # v1 rounds the limit down to whole pages
     assert int(memory) == max(256 << 20, ram // 2) // page * page
+
+
+def test_a_fork_bomb_under_the_default_limits_ends_its_own_run_only(
+    api_server: ApiServer,  # noqa: F811
+) -> None:
+    if "pids" not in set(cgroups.detect().v1) | set(cgroups.detect().v2_controllers):
+        pytest.skip("no pids cgroup controller on this host")
+    off = {"enabled": False}
+    with api_server.http() as http:
+        bomb = spawn(http, api_server.busybox, "f(){ f | f & }; f; sleep 60",
+                     timeout=4, networking=off)
+        # While the bomb runs into its process limit, other runs go on as usual.
+        for i in range(3):
+            body = run(http, api_server.busybox, f"echo fine-{i}", networking=off)
+            assert body["status"] == "SUCCESS", body
+            assert body["metadata"]["result"]["stdout"]["value"] == f"fine-{i}\n"
+        ended = wait_done(http, bomb)
+    state = ended["metadata"]["result"]["state"]
+    assert state["timed_out"] is True, ended
+    assert state["exit_code"] != 0
