@@ -17,15 +17,16 @@ holds a pidfd of pid 1: killing it kills the whole pid namespace, and its exit m
 every process of the run is gone and the overlay unmounted.
 
 Network (pasta, user-mode NAT): a run takes a namespace from a small pool that already
-has pasta attached and configured (the intermediate setns()es into it: ~+4 ms per run
-instead of ~+20 ms of pasta start-up); with the pool empty it attaches pasta while the
-root is being built. pasta is SIGKILLed when the run ends and reaped in the background:
-its exit unregisters the tap device, which waits for RCU grace periods (20-50 ms).
+has pasta attached and configured (pid 1 setns()es into it: a few ms per run instead of
+~20 ms of pasta start-up); with the pool empty it attaches pasta while the root is being
+built. pasta is started by the launcher, SIGKILLed through its pidfd when the run ends
+and reaped by the launcher: its exit unregisters the tap device, which waits for RCU
+grace periods (20-50 ms) the run's result does not wait for.
 pasta from passt 2023-03 sometimes drops the FIN of a peer that closes right after
 sending (seen before and after these changes).
 
-Rootless (server run by an unprivileged user): each run first enters a user namespace
-whose root is that user; with newuidmap/newgidmap and an /etc/subuid + /etc/subgid range
+Rootless (server run by an unprivileged user): pid 1 is cloned into a new user namespace
+too, whose root is that user; with newuidmap/newgidmap and an /etc/subuid + /etc/subgid range
 the range is mapped from 1 ("full"), else only root is mapped ("single": setgroups is
 denied, other uids are unusable, devpts has no tty gid). The overlay uses ``userxattr``:
 its markers are ``user.overlay.*``, while the store's whiteout/opaque format is the
@@ -835,7 +836,7 @@ class Sandbox:
             self._usergo_w = -1
 
     def _map_userns(self) -> None:
-        """Full map: newuidmap/newgidmap (setuid helpers) write the intermediate's maps."""
+        """Full map: newuidmap/newgidmap (setuid helpers) write pid 1's maps."""
         uid, gid = os.geteuid(), os.getegid()
         answer = b"0"
         try:
@@ -862,7 +863,7 @@ class Sandbox:
             self._netgo_w = -1
 
     def _attach_network(self) -> None:
-        """Attach pasta to the intermediate's fresh network namespace (pid 1 waits for
+        """Attach pasta to pid 1's fresh network namespace (pid 1 waits for
         the answer on its go pipe before starting the command)."""
         answer = b"0"
         fds: list[int] = []
