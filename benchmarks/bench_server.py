@@ -5,7 +5,8 @@ measures, all server-side (spawn request -> `completion` event on the SSE stream
 
   a. a run of `true` at depth 1, then again on top of a chain of 1,000 committed images
      (built through the API, each run writing one small file; after the background
-     squash settles), and the ratio depth-1000 / depth-1 (target <= 1.25);
+     squash settles), and the ratio depth-1000 / depth-1 (target <= 1.25), from runs at
+     both depths interleaved after the chain is built;
   b. a run that writes one file and commits;
   c. throughput: 8 client threads (each its own httpx client on the unix socket) running
      `true` for 30 s with networking off, then a shorter phase with networking on;
@@ -186,14 +187,25 @@ def main() -> int:
                 built = time.perf_counter() - t
                 print(f"   built a chain of {opts.chain} images in {built:.1f} s "
                       f"({built / opts.chain * 1000:.1f} ms per run+commit)", flush=True)
-                dn, rounds, waited = settle(http, top, n, bound=120)
+                _, rounds, waited = settle(http, top, n, bound=120)
                 depth = layer_count(server.home, top)
+                # Interleaved, so both depths see the same machine state (a store with
+                # thousands of images, a warm or cold page cache) and the ratio is fair.
+                base_times: list[float] = []
+                deep_times: list[float] = []
+                for _ in range(n):
+                    base_times.append(run_once(http, image, "true")[0])
+                    deep_times.append(run_once(http, top, "true")[0])
+                d1_now = statistics.median(base_times)
+                dn = statistics.median(deep_times)
                 figures["true_depth_chain_ms"] = dn * 1000
-                figures["depth_ratio"] = dn / d1
+                figures["depth_ratio"] = dn / d1_now
                 print(f"   run `true`, depth {opts.chain} (median of {n}, settled after "
                       f"{rounds} rounds / {waited:.1f} s; image has {depth} layers)"
                       f"  {_ms(dn)}   {_load()}")
-                print(f"   ratio depth {opts.chain} / depth 1: {dn / d1:.3f}  (target <= 1.25)",
+                print(f"   run `true`, depth 1, interleaved with it (median of {n})"
+                      f"  {_ms(d1_now)}")
+                print(f"   ratio depth {opts.chain} / depth 1: {dn / d1_now:.3f}  (target <= 1.25)",
                       flush=True)
 
                 # (b) write one file + commit

@@ -42,6 +42,11 @@ class LocalServer:
         return self.home / "server.sock"
 
     @property
+    def output(self) -> Path:
+        """What the server printed (its stdout and stderr)."""
+        return self.home.parent / "server-output.log"
+
+    @property
     def url(self) -> str:
         return f"unix://{self.socket}"
 
@@ -82,7 +87,7 @@ def _wait_for_socket(server: LocalServer, deadline: float) -> None:
             log = (server.home / "server.log").read_text(errors="replace") if (
                 server.home / "server.log"
             ).exists() else ""
-            out = server.process.stdout.read().decode(errors="replace") if server.process.stdout else ""
+            out = server.output.read_text(errors="replace") if server.output.exists() else ""
             raise RuntimeError(f"server exited with {server.process.returncode}: {out}{log}")
         if server.socket.exists():
             try:
@@ -125,13 +130,16 @@ def start_server(base: Path) -> LocalServer:
         CONTREE_NO_UPDATE_CHECK="1",
         PYTHONPATH=str(REPO),
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "contree_shell", "server", "run"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # Its output goes to a file: a pipe nobody drains would block the server's logging
+    # (and with it the background squasher) once 64 KiB of log lines piled up.
+    with open(base / "server-output.log", "ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "contree_shell", "server", "run"],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = LocalServer(home=home, config=config, process=process, env=env)
     try:
         _wait_for_socket(server, time.monotonic() + 30)
@@ -163,8 +171,6 @@ def stop_server(server: LocalServer) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait(timeout=10)
-    if server.process.stdout:
-        server.process.stdout.close()
 
 
 @pytest.fixture(scope="session")

@@ -302,6 +302,22 @@ def test_several_layers_stack_top_first(runner: Callable[..., Run], busybox_imag
     assert bytes(run.stdout) == b"top\nmid\n"
 
 
+def test_an_image_of_the_store_s_maximum_depth_mounts_with_the_scaffold_below_it(
+        runner: Callable[..., Run], busybox_image: Path, tmp_path: Path) -> None:  # fmt: skip
+    from contree_shell.sandbox.store import MAX_LAYERS
+
+    layers = [busybox_image]
+    for i in range(MAX_LAYERS - 1):
+        layer = tmp_path / "deep" / str(i)
+        layer.mkdir(parents=True)
+        (layer / "depth").write_text(f"{i}\n")
+        layers.append(layer)
+    run = runner("cat /depth", lowers=layers)
+    info = run.wait()
+    assert info.exit_code == 0, info
+    assert bytes(run.stdout) == f"{MAX_LAYERS - 2}\n".encode()
+
+
 def test_legacy_mount_fallback_stacks_layers_the_same(
         runner: Callable[..., Run], busybox_image: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

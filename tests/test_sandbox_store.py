@@ -1027,3 +1027,17 @@ def test_kill_9_at_a_critical_point_leaves_every_image_readable(tmp_path: Path, 
     assert (
         again.view(again.commit(chain[-1], run, operation_uuid=None).image).read("/after") == b"y"
     )
+
+
+def test_a_run_on_an_image_deeper_than_the_mount_limit_squashes_it_first(
+    store: Store, base: str
+) -> None:
+    layers = [store.get(base).layers[0]] * (MAX_LAYERS + 1)  # as stores written earlier
+    with store._lock:
+        deep = store._insert(base, layers, None, {"env": {}, "workdir": None, "user": None})
+    run = store.new_run(deep)
+    try:
+        assert len(run.layers) <= store.squash_threshold
+        assert len(store.get(deep).layers) == len(run.layers)
+    finally:
+        store.discard(run)

@@ -76,7 +76,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_LAYERS = 500  # overlayfs refuses more lower layers (OVL_MAX_STACK)
+# overlayfs mounts at most 500 lower layers (OVL_MAX_STACK), and the runtime puts its
+# scaffold layer under every image: an image may have one layer less.
+MAX_LAYERS = 499
 # Squash images deeper than this. 64 keeps mounts near the 1-layer cost and well under
 # both the kernel's 500 and the ~114 layers a legacy mount(2) option page can name.
 SQUASH_THRESHOLD = 64
@@ -572,6 +574,8 @@ class Store:
             except FileExistsError:
                 continue
         layers: tuple[Path, ...] = ()
+        if parent is not None and len(self._layers_of(parent)) > MAX_LAYERS:
+            self.squash(parent)  # a store written before the limit counted the scaffold
         try:
             with self._lock:
                 if parent is not None:
