@@ -30,6 +30,7 @@ from pathlib import Path
 
 from contree_shell.sandbox import hardening
 from contree_shell.sandbox import syscalls as sc
+from contree_shell.sandbox.nsinit import high_fd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _setns = _libc.setns
@@ -71,15 +72,6 @@ def _check(res: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return res
-
-
-def _high(fd: int) -> int:
-    """`fd` moved to >= 10 (close-on-exec), so the child's dup2 onto 0..3 spares it."""
-    if fd >= 10:
-        return fd
-    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-    os.close(fd)
-    return new
 
 
 def _ns_inode(path: str) -> int:
@@ -127,7 +119,7 @@ def _child(ns_pid_fd: int, user_fd: int, late: list[int], procs: list[bytes], cw
         if os.getppid() != parent:
             os._exit(1)
         sc.reset_signals(hardening.RESET_SIGNALS)
-        # Every descriptor passed in is >= 10 (see _high), so laying out 0..3 cannot
+        # Every descriptor passed in is >= 10 (see high_fd), so laying out 0..3 cannot
         # clobber one; then drop everything else the server had open.
         os.dup2(fds[0], 0)
         os.dup2(fds[1], 1)
@@ -204,7 +196,7 @@ def _process(late: list[int], cwd: bytes, argv: list[str], env: dict[str, str],
 
 def _cloexec_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC)
-    return _high(r), _high(w)
+    return high_fd(r), high_fd(w)
 
 
 class NsProcess:
@@ -242,15 +234,15 @@ class NsProcess:
         opened: list[int] = []
         try:
             ns_dir = f"/proc/{pid1}/ns"
-            pid_fd = _high(os.open(f"{ns_dir}/pid", os.O_RDONLY | os.O_CLOEXEC))
+            pid_fd = high_fd(os.open(f"{ns_dir}/pid", os.O_RDONLY | os.O_CLOEXEC))
             opened.append(pid_fd)
             user_fd = -1
             if _ns_inode(f"{ns_dir}/user") != _ns_inode("/proc/self/ns/user"):
-                user_fd = _high(os.open(f"{ns_dir}/user", os.O_RDONLY | os.O_CLOEXEC))
+                user_fd = high_fd(os.open(f"{ns_dir}/user", os.O_RDONLY | os.O_CLOEXEC))
                 opened.append(user_fd)
             late: list[int] = []
             for name in _LATE_NS:
-                fd = _high(os.open(f"{ns_dir}/{name}", os.O_RDONLY | os.O_CLOEXEC))
+                fd = high_fd(os.open(f"{ns_dir}/{name}", os.O_RDONLY | os.O_CLOEXEC))
                 opened.append(fd)
                 late.append(fd)
         except OSError as e:

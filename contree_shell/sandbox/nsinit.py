@@ -396,8 +396,9 @@ def _command(plan: Plan) -> None:
 # ------------------------------------------------------------------- the launcher
 
 
-def _high(fd: int) -> int:
-    """Move ``fd`` to 10 or above (close-on-exec): pid 1 dup2s onto 0..5."""
+def high_fd(fd: int) -> int:
+    """``fd`` moved to 10 or above (close-on-exec), so a child's dup2 onto the low
+    descriptors (0..5) cannot clobber it."""
     if fd >= 10:
         return fd
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
@@ -475,12 +476,12 @@ def _reap() -> None:
 
 def main() -> None:
     """The launcher process: fork sandboxes on request until the server goes away."""
-    sock = socket.socket(fileno=_high(int(sys.argv[1])))
+    sock = socket.socket(fileno=high_fd(int(sys.argv[1])))
     sc.set_process_name(_LAUNCHER_NAME)
     # pid 1 checks this pidfd of ours right after arming PDEATHSIG: readable means we
     # died before it was armed. (getppid() is 0 across the pid namespace boundary.)
-    launcher_fd = _high(sc.pidfd_open(os.getpid()))
-    wake_r, wake_w = (_high(fd) for fd in os.pipe())
+    launcher_fd = high_fd(sc.pidfd_open(os.getpid()))
+    wake_r, wake_w = (high_fd(fd) for fd in os.pipe())
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
@@ -506,7 +507,7 @@ def main() -> None:
             if message is None:
                 return  # the server is gone; our sandboxes die with us (PDEATHSIG)
             request, fds = message
-            fds = [_high(fd) for fd in fds]
+            fds = [high_fd(fd) for fd in fds]
             try:
                 reply, send = _spawn(request, fds, launcher_fd)
             except (ValueError, TypeError, IndexError) as e:  # malformed: answer, go on

@@ -44,7 +44,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import resource  # noqa: F401  # os.wait4 imports it lazily; a child after pivot_root cannot
@@ -367,18 +366,9 @@ USE_NEW_MOUNT_API = True
 # ------------------------------------------------------------------------ server side
 
 
-def _high_fd(fd: int) -> int:
-    """Move ``fd`` above 5 so the children's dup2 onto 0..5 cannot clobber it."""
-    if fd > nsinit.USERGO_FD:
-        return fd
-    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-    os.close(fd)
-    return new
-
-
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe()
-    return _high_fd(r), _high_fd(w)
+    return nsinit.high_fd(r), nsinit.high_fd(w)
 
 
 def _host_pid_of(pid1: int, ns_pid: int) -> int | None:
@@ -477,7 +467,7 @@ class _NetPool:
             lo = sc.IfReq()
             lo.name = b"lo"
             sc.interface_up(lo)
-            ns_fd = _high_fd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+            ns_fd = nsinit.high_fd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
         finally:
             sc.setns(host, sc.CLONE_NEWNET)
         pasta, _err = _start_pasta(ns_fd, None)
