@@ -84,3 +84,18 @@ def test_invalid_mtime_policy_refuses_to_start(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert b"invalid snapshot mtime policy 'sometimes'" in out.stderr
+
+
+def test_status_shows_the_run_limits_the_server_applies(tmp_path: Path) -> None:
+    srv = start_api_server(tmp_path, "--memory", "1G", "--pids", "none", "--cpus", "0.5")
+    try:
+        limits = _status(srv.home)["limits"]
+        assert limits == {"memory_bytes": 1 << 30, "cpus": 0.5}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTREE_", "XDG_"))}
+        env["PYTHONPATH"] = str(REPO)
+        text = subprocess.run(
+            [sys.executable, "-m", "contree_shell.server.cli", "--home", str(srv.home), "status"],
+            env=env, capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "run limits: memory 1.0 GiB, processes unlimited, CPU 0.5\n" in text
+    finally:
+        srv.stop()

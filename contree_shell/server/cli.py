@@ -79,6 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"images:     {info['images']}",
         f"operations: {info['operations']}",
         f"snapshot mtime: {info.get('snapshot_mtime', '')}",
+        f"run limits: {_limits_text(info.get('limits') or {})}",
         "preflight:",
     ]
     lines += [
@@ -86,6 +87,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     _out("\n".join(lines))
     return 0 if info["running"] else 3
+
+
+def _limits_text(limits: dict[str, float]) -> str:
+    """ "memory 11.7 GiB, 4096 processes, CPU no quota"; "none" without cgroup limits."""
+    if not limits:
+        return "none"
+    memory = limits.get("memory_bytes")
+    pids = limits.get("pids")
+    cpus = limits.get("cpus")
+    return ", ".join((
+        f"memory {memory / (1 << 30):.1f} GiB" if memory else "memory unlimited",
+        f"{int(pids)} processes" if pids else "processes unlimited",
+        f"CPU {cpus:g}" if cpus else "CPU no quota",
+    ))
 
 
 def cmd_token(args: argparse.Namespace) -> int:

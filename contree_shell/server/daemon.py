@@ -730,8 +730,13 @@ def status(home: Path | None = None) -> dict[str, Any]:
         except ServerStartError:
             mtime = os.environ.get("CONTREE_SNAPSHOT_MTIME", "")
     info["snapshot_mtime"] = mtime
-    if settings.get("limits"):
+    if "limits" in settings:
         info["limits"] = settings["limits"]
+    else:
+        try:
+            info["limits"] = _limits_dict(server_limits())
+        except ServerStartError:
+            info["limits"] = {}
     return info
 
 
