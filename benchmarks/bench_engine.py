@@ -9,7 +9,7 @@ average is printed first: on a shared machine every figure is noisy.
 2. A run that writes one file and commits a new image, median of 50.
 3. Throughput: 8 client threads calling the engine (``true`` + commit) for 30 s.
 4. Inspect: ImageView listing of /usr/bin and reading a 1 MB file, median of 50.
-5. The cost of the network for one run (pasta), median of 20 with vs without.
+5. The cost of the network for one run (slirp4netns), median of 20 with vs without.
 
 The depth ratio (a run at depth 1000 vs depth 1) is benchmarks/bench_depth.py's.
 """
@@ -152,7 +152,7 @@ def main() -> int:
             print(f"5. network for one run: true with network {ms(mn)} vs without "
                   f"{ms(mo)}: +{ms(mn - mo)} ({mn / mo:.1f}x)")  # fmt: skip
         else:
-            print("5. network: pasta is not installed, skipped")
+            print("5. network: slirp4netns is not usable, skipped")
         load = os.getloadavg()
         print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         print("depth ratio (depth 1000 vs 1): see benchmarks/bench_depth.py")

@@ -66,7 +66,7 @@ def main() -> int:
         net: list[float] = []
         net_mixed: list[float] = []
         if NETWORK_SUPPORTED:
-            # Back to back: the namespace pool drains, most runs attach pasta themselves.
+            # Back to back: the namespace pool drains, most runs attach slirp4netns themselves.
             net = [sandbox_true(image, scratch, runs + i, network=True) for i in range(10)]
             # Interleaved with offline runs: the pool refills in between (interactive use).
             for i in range(10):
@@ -79,7 +79,7 @@ def main() -> int:
           f"(p90 {statistics.quantiles(sand, n=10)[-1] * 1000:.2f} ms)")  # fmt: skip
     print(f"ratio sandbox/baseline: {s / b:.1f}x")
     if net:
-        print(f"sandbox true with network=True (pasta), 10 runs back to back: median "
+        print(f"sandbox true with network=True (slirp4netns), 10 runs back to back: median "
               f"{statistics.median(net) * 1000:.2f} ms; 10 runs between offline runs: "
               f"median {statistics.median(net_mixed) * 1000:.2f} ms")  # fmt: skip
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

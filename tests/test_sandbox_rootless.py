@@ -120,7 +120,7 @@ def run_as_user(python: list[str], kind: str) -> dict:
 
 def check_common(res: dict) -> None:
     assert res["mode"]["mode"] == "rootless" and res["mode"]["limits"] is False
-    assert res["mode"]["network"] == (shutil.which("pasta") is not None
+    assert res["mode"]["network"] == (shutil.which("slirp4netns") is not None
                                       and os.stat("/dev/net/tun").st_mode & 0o006 == 0o006)
     ids = res["ids"]
     assert ids["exit"] == 0 and ids["error"] is None

@@ -400,20 +400,21 @@ def test_network_off_means_loopback_only(runner: Callable[..., Run]) -> None:
     assert b"refused" in bytes(run.stderr).lower()
 
 
-needs_pasta = pytest.mark.skipif(not runtime.NETWORK_SUPPORTED, reason="pasta is not installed")
+needs_nat = pytest.mark.skipif(not runtime.NETWORK_SUPPORTED,
+                               reason="slirp4netns is not installed")
 
 
-@needs_pasta
+@needs_nat
 def test_network_on_has_an_interface_route_and_dns_forwarder(runner: Callable[..., Run]) -> None:
     run = runner("ls /sys/class/net | grep -vx lo | wc -l; ip -4 route | grep -c '^default';"
                  " cat /etc/resolv.conf", network=True)  # fmt: skip
     info = run.wait()
     assert info.exit_code == 0 and info.error is None
-    assert bytes(run.stdout).decode().split("\n") == ["1", "1", f"nameserver {runtime.PASTA_DNS}", ""]
+    assert bytes(run.stdout).decode().split("\n") == ["1", "1", f"nameserver {runtime.SANDBOX_DNS}", ""]
     assert run.upper_entries() == []
 
 
-@needs_pasta
+@needs_nat
 def test_network_on_does_not_reach_host_loopback_services(runner: Callable[..., Run]) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -447,15 +448,15 @@ def holders_of(ns: str) -> list[str]:
     return found
 
 
-@needs_pasta
+@needs_nat
 def test_network_namespace_and_its_helper_are_gone_after_the_run(
         runner: Callable[..., Run]) -> None:  # fmt: skip
     run = runner("readlink /proc/self/ns/net", network=True)
     assert run.wait().exit_code == 0
     ns = bytes(run.stdout).decode().strip()
     assert ns.startswith("net:[")
-    # pasta is SIGKILLed when the run ends and reaped in the background (its tap device
-    # teardown takes tens of ms the result does not wait for): bounded poll.
+    # slirp4netns is SIGKILLed when the run ends and reaped by the launcher (its tap
+    # device teardown takes tens of ms the result does not wait for): bounded poll.
     assert poll_until(lambda: holders_of(ns) == [])
 
 
@@ -511,7 +512,7 @@ sb.wait()
     assert poll_until(lambda: host_processes_with(f"sleep {MARK + 11}") == [])
 
 
-@needs_pasta
+@needs_nat
 def test_killed_server_leaves_no_network_helper(busybox_image: Path, tmp_path: Path) -> None:
     script = f"""
 import sys
@@ -599,7 +600,7 @@ def peer_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-@needs_pasta
+@needs_nat
 def test_network_on_reaches_another_host_through_nat_but_not_host_loopback(
         runner: Callable[..., Run], peer_netns: str) -> None:  # fmt: skip
     peer = subprocess.Popen(["ip", "netns", "exec", peer_netns, sys.executable, "-c",
@@ -611,13 +612,11 @@ def test_network_on_reaches_another_host_through_nat_but_not_host_loopback(
     try:
         assert peer.stdout is not None
         port = int(peer.stdout.readline())
-        # `timeout`: this pasta version sometimes loses the FIN of a peer that closes
-        # right after sending (seen with and without the network pool); not our subject.
-        run = runner(f"timeout 5 nc 169.254.77.2 {port} < /dev/null; echo peer; "
+        run = runner(f"timeout 5 nc 169.254.77.2 {port} < /dev/null; echo peer=$?; "
                      f"nc -w 2 127.0.0.1 {local.getsockname()[1]} < /dev/null; echo lo=$?",
                      network=True)  # fmt: skip
         assert run.wait().exit_code == 0
-        assert bytes(run.stdout).split() == [b"hello-from-peer", b"peer", b"lo=1"]
+        assert bytes(run.stdout).split() == [b"hello-from-peer", b"peer=0", b"lo=1"]
         with pytest.raises(TimeoutError):
             local.accept()
         assert peer.wait(30) == 0
@@ -627,7 +626,44 @@ def test_network_on_reaches_another_host_through_nat_but_not_host_loopback(
         peer.wait()
 
 
-@needs_pasta
+BULK_LISTENER = """
+import socket
+s = socket.socket()
+s.bind(("169.254.77.2", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+data = bytes(range(256)) * 4096
+for _ in range(3):
+    c, _ = s.accept()
+    c.sendall(data)
+    c.close()
+"""
+
+
+@needs_nat
+def test_a_download_whose_peer_closes_right_after_sending_arrives_whole(
+        runner: Callable[..., Run], peer_netns: str) -> None:  # fmt: skip
+    """1 MiB sent and closed at once, three times: every byte arrives once, then EOF.
+
+    (pasta from passt 2023-03 lost the FIN here and delivered data again and again.)
+    """
+    peer = subprocess.Popen(["ip", "netns", "exec", peer_netns, sys.executable, "-c",
+                             BULK_LISTENER], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert peer.stdout is not None
+        port = int(peer.stdout.readline())
+        want = hashlib.md5(bytes(range(256)) * 4096).hexdigest()
+        run = runner(f"for i in 1 2 3; do timeout 10 nc 169.254.77.2 {port} < /dev/null"
+                     f" | md5sum; done", network=True)  # fmt: skip
+        assert run.wait().exit_code == 0
+        assert bytes(run.stdout).decode().split()[::2] == [want] * 3
+        assert peer.wait(30) == 0
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+@needs_nat
 @pytest.mark.parametrize("pool", [True, False])
 def test_each_network_run_gets_a_fresh_namespace_with_or_without_the_pool(
         runner: Callable[..., Run], monkeypatch: pytest.MonkeyPatch, pool: bool) -> None:  # fmt: skip

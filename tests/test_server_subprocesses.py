@@ -216,9 +216,8 @@ def test_network_event_only_when_networking_is_on(http: httpx.Client) -> None:
     assert "lo" in names
     configured = net[0]["data"]["configured"]
     assert configured.get("nameserver")
-    # The addresses are read from the namespace as the run starts; under load pasta may
-    # not have added them yet at that instant (the command itself always has them: see
-    # the runtime's network tests), so they are not pinned here.
+    # pid 1 reads them inside the namespace once slirp4netns has configured it.
+    assert configured.get("ip4") == "10.0.2.100" and configured.get("ip4_gw") == "10.0.2.2"
     types = [e["type"] for e in events]
     assert types.index("init") < types.index("network") < types.index("spawn")
 

@@ -64,7 +64,7 @@ class Launcher:
         return self._call(("run", plan.wire(), netgo >= 0, usergo >= 0), send)
 
     def exec_helper(self, argv: list[str], err_fd: int, pass_fds: list[int]) -> tuple[int, int]:
-        """Start a host-side helper (pasta) that dies with the launcher: stdin and stdout
+        """Start a host-side helper (slirp4netns) that dies with the launcher: stdin and stdout
         on /dev/null, stderr on ``err_fd``, ``pass_fds`` as descriptors 3, 4, ...
         Returns (pid, pidfd); the launcher reaps it, the caller kills it by the pidfd."""
         return self._call(("exec", argv), [err_fd, *pass_fds])

@@ -22,7 +22,7 @@ Children report to the server on a status pipe (fd 3), one line each::
                                    exists; pid 1 waits on fd 5 while the server runs
                                    newuidmap/newgidmap
     N                              network without a pooled namespace: the namespace
-                                   exists; the server attaches pasta while pid 1 builds
+                                   exists; the server attaches slirp4netns while pid 1 builds
                                    the root, and pid 1 waits on fd 4 before the command
     W <hex> <hex> ...              network runs, before the command: pid 1's view of
                                    /proc/net (NET_FILES, in order; "-" if unreadable)
@@ -38,7 +38,7 @@ serializes requests, so a reply answers the last request)::
     server → launcher   8-byte length + marshal of a request, its descriptors as
                         SCM_RIGHTS on the length:
                         ("run", plan fields, has_netgo, has_usergo): a sandbox;
-                        ("exec", argv): a host-side helper (pasta), descriptors
+                        ("exec", argv): a host-side helper (slirp4netns), descriptors
                         [stderr, *passed as 3, 4, ...]
     launcher → server   8-byte length + marshal of (pid, errno, message),
                         a pidfd of the new process as SCM_RIGHTS
@@ -68,7 +68,7 @@ from contree_shell.sandbox import hardening
 from contree_shell.sandbox import syscalls as sc
 
 STATUS_FD = 3
-NETGO_FD = 4  # network runs: pid 1 waits here until pasta is attached (or joins it)
+NETGO_FD = 4  # network runs: pid 1 waits here until NAT is attached (or joins it)
 USERGO_FD = 5  # rootless, full uid map: pid 1 waits here for newuidmap
 EXEC_STAGE = b"exec"
 _INIT_NAME = sc.make_name_buffer(b"contree-init")  # what `ps` in the sandbox shows as pid 1
@@ -119,7 +119,7 @@ class Plan:
         self.full_map = full_map  # rootless: the server runs newuidmap/newgidmap for us
         self.id_maps = id_maps  # (file, content), written by pid 1 itself otherwise
         self.devpts_opts = devpts_opts
-        self.net_pooled = net_pooled  # join the namespace on fd 4 (pasta attached)
+        self.net_pooled = net_pooled  # join the namespace on fd 4 (NAT attached)
         self.new_mount_api = new_mount_api
         self.harden: hardening.Hardening | None = None
 
@@ -291,7 +291,7 @@ def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: i
         stage = b"cgroup"
         for procs in plan.cgroup_procs:  # before the cgroup namespace is unshared
             _write_file(procs, b"0")
-        if plan.net_pooled:  # a namespace made ahead, with pasta already attached
+        if plan.net_pooled:  # a namespace made ahead, with NAT already attached
             stage = b"network"
             sc.setns(NETGO_FD, sc.CLONE_NEWNET)
             os.close(NETGO_FD)
@@ -301,7 +301,7 @@ def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: i
         stage = b"unshare"
         sc.unshare(sc.CLONE_NEWCGROUP)
         if plan.network and not plan.net_pooled:
-            # The server attaches pasta to our namespace while we build the root; we wait
+            # The server attaches NAT to our namespace while we build the root; we wait
             # for its answer on fd 4 only before starting the command.
             _report(b"N\n")
         stage = b"mount-private"
@@ -333,7 +333,7 @@ def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: i
         if plan.network and not plan.net_pooled:
             stage = b"network"
             if os.read(NETGO_FD, 1) != b"1":
-                os._exit(1)  # the server knows why pasta failed
+                os._exit(1)  # the server knows why NAT failed
             os.close(NETGO_FD)
         if plan.network:
             _report(_network_line())
@@ -407,7 +407,7 @@ def high_fd(fd: int) -> int:
 
 
 def _exec_helper(argv: list[str], err_fd: int, pass_fds: list[int], launcher_fd: int) -> None:
-    """A host-side helper (pasta): stdio on /dev/null and ``err_fd``, ``pass_fds`` as 3, 4,
+    """A host-side helper (slirp4netns): stdio on /dev/null and ``err_fd``, ``pass_fds`` as 3, 4,
     ...; dies with the launcher; never returns."""
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -422,7 +422,7 @@ def _exec_helper(argv: list[str], err_fd: int, pass_fds: list[int], launcher_fd:
         os.dup2(null, 1)
         os.dup2(99, 2)
         for i in range(len(pass_fds)):
-            os.dup2(100 + i, 3 + i)  # inheritable: pasta opens /proc/self/fd/3 (and 4)
+            os.dup2(100 + i, 3 + i)  # inheritable: the helper opens /proc/self/fd/3 (and 4)
         os.closerange(3 + len(pass_fds), 1 << 20)
         os.execv(argv[0], argv)
     finally:

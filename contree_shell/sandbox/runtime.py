@@ -12,18 +12,19 @@ the server starts once: forking the server itself costs several times more. This
 plans a run (every path and byte string pid 1 needs), hands the plan and the pipe ends
 to the launcher, and runs the rest on the sandbox's own I/O thread: stdin, output, the
 status lines of :mod:`nsinit` (pid, exec, exit status and rusage), signals, the
-timeout, networking (pasta) and the user-namespace maps of rootless runs. The server
+timeout, networking (slirp4netns) and the user-namespace maps of rootless runs. The server
 holds a pidfd of pid 1: killing it kills the whole pid namespace, and its exit means
 every process of the run is gone and the overlay unmounted.
 
-Network (pasta, user-mode NAT): a run takes a namespace from a small pool that already
-has pasta attached and configured (pid 1 setns()es into it: a few ms per run instead of
-~20 ms of pasta start-up); with the pool empty it attaches pasta while the root is being
-built. pasta is started by the launcher, SIGKILLed through its pidfd when the run ends
-and reaped by the launcher: its exit unregisters the tap device, which waits for RCU
-grace periods (20-50 ms) the run's result does not wait for.
-pasta from passt 2023-03 sometimes drops the FIN of a peer that closes right after
-sending (seen before and after these changes).
+Network (slirp4netns, user-mode NAT): a run takes a namespace from a small pool that
+already has slirp4netns attached and configured (pid 1 setns()es into it); with the pool
+empty it attaches slirp4netns while the root is being built (~2 ms to get ready). The
+sandbox sees tap0 10.0.2.100/24 (and fd00::100/64), its gateway 10.0.2.2 and a resolver
+at 10.0.2.3 that forwards to the host's; connections to the host's loopback are refused
+(--disable-host-loopback). slirp4netns is started by the launcher and SIGKILLed through
+its pidfd when the run ends; the launcher reaps it. (pasta, from passt 2023-03, was used
+before: it lost the FIN of a peer that closes right after sending and then delivered
+the data again and again, corrupting downloads, and cost ~19 ms of CPU per start.)
 
 Rootless (server run by an unprivileged user): pid 1 is cloned into a new user namespace
 too, whose root is that user; with newuidmap/newgidmap and an /etc/subuid + /etc/subgid range
@@ -80,14 +81,13 @@ RUSAGE_KEYS: tuple[str, ...] = (
 _CLONE_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
                 | sc.CLONE_NEWNET)  # fmt: skip
 _READ_CHUNK = 65536
-# Network on: pasta (user-mode NAT, from the passt package) attaches a tap device to the
-# sandbox's own network namespace; DNS goes to a link-local address pasta forwards to the
-# host's resolver (so a loopback resolver on the host works too).
-PASTA = shutil.which("pasta")
-# Rootless, pasta opens /dev/net/tun as this user: many hosts keep it root-only (0600).
-NETWORK_SUPPORTED = PASTA is not None and (
+# Network on: slirp4netns (user-mode NAT, Debian package slirp4netns) attaches a tap
+# device to the sandbox's own network namespace; its resolver forwards to the host's.
+SLIRP4NETNS = shutil.which("slirp4netns")
+# Rootless, slirp4netns opens /dev/net/tun as this user: many hosts keep it root-only.
+NETWORK_SUPPORTED = SLIRP4NETNS is not None and (
     os.geteuid() == 0 or os.access("/dev/net/tun", os.R_OK | os.W_OK))
-PASTA_DNS = "169.254.1.1"
+SANDBOX_DNS = "10.0.2.3"
 # Mount points the runtime covers. A scaffold layer at the bottom of every overlay
 # provides them, so an image that lacks one still needs no write into upper.
 _SCAFFOLD_DIRS = ("proc", "sys", "dev", "etc", "tmp")
@@ -301,7 +301,7 @@ def _validate(spec: RunSpec) -> None:
     if spec.uid < 0 or spec.gid < 0:
         raise SandboxError("uid and gid must be >= 0")
     if spec.network and not NETWORK_SUPPORTED:
-        raise SandboxError("network=True needs pasta (Debian package passt)")
+        raise SandboxError("network=True needs slirp4netns (Debian package slirp4netns)")
 
 
 def _harden(spec: RunSpec) -> hardening.Hardening:
@@ -339,7 +339,7 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> nsinit.
         hostname=hostname,
         etc_files=[(b"etc/hostname", hostname + b"\n"), (b"etc/hosts", _hosts(spec.hostname)),
                    (b"etc/resolv.conf",
-                    f"nameserver {PASTA_DNS}\n".encode() if spec.network else b"")],
+                    f"nameserver {SANDBOX_DNS}\n".encode() if spec.network else b"")],
         network=spec.network,
         cgroup_procs=[],
         cwd=spec.cwd,
@@ -392,26 +392,26 @@ def _host_pid_of(pid1: int, ns_pid: int) -> int | None:
 
 
 class _NetPool:
-    """Network namespaces with pasta already attached and configured, made ahead of time.
+    """Network namespaces with slirp4netns already attached and configured, made ahead.
 
-    pasta needs ~20 ms to get ready; a run that finds one here only pays a setns(2).
-    Each namespace serves exactly one run. The pastas are the launcher's children and die
-    with it (an entry whose pasta is gone is dropped). Root only: rootless runs need the
-    namespace owned by their own user namespace.
+    A run that finds one here only pays a setns(2). Each namespace serves exactly one
+    run. The slirp4netns processes are the launcher's children and die with it (an entry
+    whose process is gone is dropped). Root only: rootless runs need the namespace owned
+    by their own user namespace.
     """
 
     SIZE = 2
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ready: deque[tuple[int, int]] = deque()  # (netns fd, pasta pidfd)
+        self._ready: deque[tuple[int, int]] = deque()  # (netns fd, slirp4netns pidfd)
         self._want = threading.Event()
         self._thread: threading.Thread | None = None
         self._broken = False
 
     def take(self) -> tuple[int, int] | None:
-        """A ready (netns fd, pasta pidfd), now owned by the caller; None if none is ready
-        (the caller then attaches pasta itself). The first call starts the pool."""
+        """A ready (netns fd, slirp4netns pidfd), now owned by the caller; None if none
+        is ready (the caller then attaches its own). The first call starts the pool."""
         with self._lock:
             if self._broken:
                 return None
@@ -421,12 +421,12 @@ class _NetPool:
                 self._thread.start()
             entry = None
             while self._ready and entry is None:
-                ns_fd, pasta = self._ready.popleft()
-                if _exited(pasta):
+                ns_fd, nat = self._ready.popleft()
+                if _exited(nat):
                     os.close(ns_fd)
-                    os.close(pasta)
+                    os.close(nat)
                 else:
-                    entry = (ns_fd, pasta)
+                    entry = (ns_fd, nat)
         self._want.set()
         return entry
 
@@ -449,7 +449,7 @@ class _NetPool:
             except OSError as e:
                 entry, why = None, str(e)
             else:
-                why = "pasta did not start"
+                why = "slirp4netns did not start"
             if entry is None:
                 log.warning("network pool disabled: %s", why)
                 with self._lock:
@@ -460,8 +460,8 @@ class _NetPool:
 
     @staticmethod
     def _make(host: int) -> tuple[int, int] | None:
-        # unshare(CLONE_NEWNET) affects this thread only; pasta must start back in the
-        # host's namespace (its outside sockets live where it starts).
+        # unshare(CLONE_NEWNET) affects this thread only; slirp4netns must start back in
+        # the host's namespace (its outside sockets live where it starts).
         sc.unshare(sc.CLONE_NEWNET)
         try:
             lo = sc.IfReq()
@@ -470,11 +470,11 @@ class _NetPool:
             ns_fd = nsinit.high_fd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
         finally:
             sc.setns(host, sc.CLONE_NEWNET)
-        pasta, _err = _start_pasta(ns_fd, None)
-        if pasta < 0:
+        nat, _err = _start_nat(ns_fd, None)
+        if nat < 0:
             os.close(ns_fd)
             return None
-        return ns_fd, pasta
+        return ns_fd, nat
 
 
 _NET_POOL = _NetPool()
@@ -491,51 +491,48 @@ def _warn_no_limits_once() -> None:
                     "only the timeout bounds a run")  # fmt: skip
 
 
-def _start_pasta(ns_fd: int, user_fd: int | None) -> tuple[int, str | None]:
-    """Start pasta on the network namespace ``ns_fd``; (pidfd, None) once it is ready.
+def _start_nat(ns_fd: int, user_fd: int | None) -> tuple[int, str | None]:
+    """Start slirp4netns on the network namespace ``ns_fd``; (pidfd, None) once ready.
 
-    pasta runs in the foreground as a child of the launcher (PDEATHSIG against it) and is
-    SIGKILLed by its owner: left alone it would hold the namespace (and itself) alive
-    forever. It drops privileges before joining a namespace, so it gets the namespace as
-    an inherited fd (its own /proc/self/fd entry is always openable). It writes its pid
-    file once the interface, addresses and routes are configured: the pid file is a FIFO
-    we read, which makes readiness an event instead of a poll. On failure: (-1, reason).
+    It runs as a child of the launcher (PDEATHSIG against it) and is SIGKILLed by its
+    owner through the pidfd. It gets the namespaces as inherited descriptors (3, and 4
+    for the user namespace of a rootless run) and says it is ready — interface, address,
+    routes configured — by writing to its ready pipe: readiness is an event, not a poll.
+    On failure: (-1, the reason).
     """
-    assert PASTA is not None
-    scratch = tempfile.mkdtemp(prefix="contree-pasta-")
+    assert SLIRP4NETNS is not None
     fds: list[int] = []
     pidfd = -1
     try:
-        fifo = os.path.join(scratch, "ready")
-        os.mkfifo(fifo, 0o600)
-        ready_r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        fds.append(ready_r)
+        ready_r, ready_w = os.pipe()
+        fds += [ready_r, ready_w]
         err_r, err_w = os.pipe()
         fds += [err_r, err_w]
-        who = ["--userns", "/proc/self/fd/4"] if user_fd is not None else ["--runas", "0"]
-        argv = [PASTA, "-f", "--config-net", "--quiet", *who,
-                "--netns", "/proc/self/fd/3", "--pid", fifo, "--dns-forward", PASTA_DNS,
-                # Outbound NAT only: no port forwarding either way (pasta's default
-                # "auto" would publish sandbox ports on the host and let the sandbox
-                # reach the host's loopback services), no gateway → host mapping.
-                "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]  # fmt: skip
-        pass_fds = [ns_fd] if user_fd is None else [ns_fd, user_fd]
+        pass_fds = [ns_fd, *([user_fd] if user_fd is not None else []), ready_w]
+        argv = [SLIRP4NETNS, "--configure", "--mtu=65520", "--enable-ipv6", "--enable-seccomp",
+                # The host's loopback services stay out of reach (10.0.2.2 → 127.0.0.1).
+                "--disable-host-loopback",
+                f"--ready-fd={2 + len(pass_fds)}", "--netns-type=path",
+                *(["--userns-path=/proc/self/fd/4"] if user_fd is not None else []),
+                "/proc/self/fd/3", "tap0"]  # fmt: skip
         _pid, pidfd = LAUNCHER.exec_helper(argv, err_w, pass_fds)
-        os.close(err_w)
-        fds.remove(err_w)
+        for fd in (err_w, ready_w):
+            os.close(fd)
+            fds.remove(fd)
         if _wait_ready(pidfd, ready_r):
             return pidfd, None
         os.set_blocking(err_r, False)
-        reason = "pasta did not start"
+        reason = "slirp4netns did not start"
         with contextlib.suppress(OSError):
-            lines = os.read(err_r, 4096).decode(errors="replace").strip().splitlines()
+            lines = [line for line in
+                     os.read(err_r, 8192).decode(errors="replace").strip().splitlines()
+                     if not line.startswith("WARNING:")]  # fmt: skip
             reason = lines[-1] if lines else reason
     except OSError as e:  # LauncherError included
         reason = str(e)
     finally:
         for fd in fds:
             os.close(fd)
-        shutil.rmtree(scratch, ignore_errors=True)
     if pidfd >= 0:
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
@@ -544,7 +541,7 @@ def _start_pasta(ns_fd: int, user_fd: int | None) -> tuple[int, str | None]:
 
 
 def _wait_ready(pidfd: int, ready_r: int) -> bool:
-    """True once pasta has written its pid; False if it exits or takes too long."""
+    """True once slirp4netns says it is ready; False if it exits or takes too long."""
     sel = selectors.DefaultSelector()
     try:
         sel.register(ready_r, selectors.EVENT_READ, "ready")
@@ -554,11 +551,7 @@ def _wait_ready(pidfd: int, ready_r: int) -> bool:
             for key, _mask in sel.select(left):
                 if key.data == "exit":
                     return False
-                try:
-                    if os.read(ready_r, 64).strip():
-                        return True
-                except BlockingIOError:
-                    continue
+                return bool(os.read(ready_r, 64))  # EOF: it closed the pipe unready
         return False
     finally:
         sel.close()
@@ -601,7 +594,7 @@ class Sandbox:
         self._pid1 = 0  # host pid of pid 1 (the launcher's child; it reaps it)
         self._pid1_fd = -1  # pidfd of pid 1, from the launcher
         self._pid1_gone = False
-        self._netns_fd = -1  # a pooled network namespace (pasta attached) for pid 1
+        self._netns_fd = -1  # a pooled network namespace (NAT attached) for pid 1
         self._ns_pid = 0
         self._cmd_host_pid: int | None = None
         # Signals asked for before the command has exec'd; delivered right after exec so
@@ -648,7 +641,7 @@ class Sandbox:
         if spec.network and not ROOTLESS and USE_NETWORK_POOL:
             entry = _NET_POOL.take()
             if entry is not None:
-                sb._netns_fd, sb._pasta_fd = entry
+                sb._netns_fd, sb._nat_fd = entry
                 plan.net_pooled = True
                 plan.clone_flags &= ~sc.CLONE_NEWNET
         sb._thread = threading.Thread(target=sb._io_main, name="sandbox-io", daemon=True)
@@ -659,7 +652,7 @@ class Sandbox:
             sb._close_wake()
             if cgroup is not None:
                 cgroup.remove()
-            sb._stop_pasta()
+            sb._stop_nat()
             raise SandboxError(f"cannot start sandbox: {sb._spawn_error}") from sb._spawn_error
         # Return once the command is forked (or setup failed), so ``pid`` is known.
         sb._spawned.wait()
@@ -853,7 +846,7 @@ class Sandbox:
             self._netgo_w = -1
 
     def _attach_network(self) -> None:
-        """Attach pasta to pid 1's fresh network namespace (pid 1 waits for
+        """Attach slirp4netns to pid 1's fresh network namespace (pid 1 waits for
         the answer on its go pipe before starting the command)."""
         answer = b"0"
         fds: list[int] = []
@@ -862,9 +855,9 @@ class Sandbox:
             if self._plan.rootless:  # join the sandbox's user namespace first
                 fds.append(os.open(f"/proc/{self._pid1}/ns/user",
                                    os.O_RDONLY | os.O_CLOEXEC))  # fmt: skip
-            pasta, self._net_error = _start_pasta(fds[0], fds[1] if len(fds) > 1 else None)
-            if pasta >= 0:
-                self._pasta_fd = pasta
+            nat, self._net_error = _start_nat(fds[0], fds[1] if len(fds) > 1 else None)
+            if nat >= 0:
+                self._nat_fd = nat
                 answer = b"1"
         except OSError as e:
             self._net_error = str(e)
@@ -874,15 +867,15 @@ class Sandbox:
         self._close_netgo(answer)
 
 
-    def _stop_pasta(self) -> None:
-        # SIGKILL and move on: the launcher reaps it. pasta's exit closes its tap device,
-        # and unregistering a network device waits for RCU grace periods (20-50 ms
-        # measured) that the run's result need not wait for.
-        if self._pasta_fd >= 0:
+    def _stop_nat(self) -> None:
+        # SIGKILL and move on: the launcher reaps it. Its exit closes the tap device, and
+        # unregistering a network device waits for RCU grace periods (20-50 ms measured)
+        # that the run's result need not wait for.
+        if self._nat_fd >= 0:
             with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._pasta_fd, signal.SIGKILL)
-            os.close(self._pasta_fd)
-            self._pasta_fd = -1
+                signal.pidfd_send_signal(self._nat_fd, signal.SIGKILL)
+            os.close(self._nat_fd)
+            self._nat_fd = -1
 
     def _loop(self, stdin_w: int, out_r: int, err_r: int, st_r: int) -> None:
         sel = selectors.DefaultSelector()
@@ -1011,7 +1004,7 @@ class Sandbox:
     _error: tuple[str, int] | None = None
     _cgroup: RunCgroup | None = None
     _net_error: str | None = None
-    _pasta_fd = -1
+    _nat_fd = -1
     _netgo_w = -1
     _usergo_w = -1
     _userns_error: str | None = None
@@ -1026,7 +1019,7 @@ class Sandbox:
             self._pid1_gone = True
             pid1_fd, self._pid1_fd = self._pid1_fd, -1
         os.close(pid1_fd)
-        self._stop_pasta()
+        self._stop_nat()
         duration = time.monotonic() - self._t0
         self._info = self._exit_info(duration)
         if self._cgroup is not None:

@@ -123,9 +123,9 @@ def preflight() -> list[Check]:
         Check(
             "network",
             True,
-            "pasta found: runs with networking get outbound NAT"
+            "slirp4netns found: runs with networking get outbound NAT"
             if network
-            else "pasta not found: runs are offline (networking is ignored)",
+            else "slirp4netns not usable: runs are offline (networking is ignored)",
         )
     )
     try:
