@@ -194,7 +194,7 @@ def test_sigkill_mid_run_leaves_nothing_and_restart_recovers(tmp_path: Path, mom
         assert srv.process is not None
         server_pid = srv.process.pid
 
-        # Everything the server runs: one intermediate + contree-init + command per run.
+        # Everything the server runs: the launcher, and contree-init + command per run.
         procs = _descendants(server_pid)
         sleepers = [p for p in procs if _cmdline(p) == ["sleep", "100"]]
         inits = [p for p in procs if _comm(p) == "contree-init"]
