@@ -41,7 +41,8 @@ def _start(image: Path, base: Path, command: str, out: bytearray | None = None) 
     (base / "w").mkdir()
     sink = out if out is not None else bytearray()
     return Sandbox.start(lowers=[image], upper=base / "u", work=base / "w",
-                         spec=RunSpec(argv=["sh", "-c", command], env=ENV, timeout=60),
+                         spec=RunSpec(argv=["sh", "-c", command], env=ENV, timeout=60,
+                                      stdin_open=True),
                          on_output=lambda _s, c: sink.extend(c))  # fmt: skip
 
 
@@ -181,3 +182,29 @@ def test_messages_keep_their_descriptors_and_survive_large_plans() -> None:
         os.close(r)
         b.close()
         a.close()
+
+
+def test_extra_processes_are_started_by_the_launcher_too(image: Path, tmp_path: Path) -> None:
+    from contree_shell.sandbox.nsexec import NsProcess
+
+    sb = _start(image, tmp_path / "r", "read x")
+    try:
+        assert sb.wait_exec(30)
+        out = bytearray()
+        extra = NsProcess.start(pid1=sb._pid1, argv=["sh", "-c", "echo $$; read y"],
+                                env=ENV, cwd="/", uid=0, gid=0, stdin_open=True,
+                                on_output=lambda _s, c: out.extend(c))  # fmt: skip
+        try:
+            helper = _ppid(extra._host_pid)
+            assert _ppid(helper) == LAUNCHER.pid
+            assert extra.pid == extra._host_pid or extra.pid < 100  # its namespace pid
+        finally:
+            extra.close_stdin()
+        result = extra.wait(30)
+        assert result is not None and result.exit_code == 1, result
+        assert out.decode().strip() == str(extra.pid)
+        _wait_gone([helper])
+    finally:
+        sb.close_stdin()
+    info = sb.wait(30)
+    assert info is not None and info.exit_code == 1

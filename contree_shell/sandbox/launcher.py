@@ -69,6 +69,17 @@ class Launcher:
         Returns (pid, pidfd); the launcher reaps it, the caller kills it by the pidfd."""
         return self._call(("exec", argv), [err_fd, *pass_fds])
 
+    def enter(self, *, fds: tuple[int, int, int, int], pid_ns: int, user_ns: int,
+              late_ns: list[int], procs: list[bytes], cwd: bytes, argv: list[str],
+              env: dict[str, str], harden_args: object) -> tuple[int, int]:  # fmt: skip
+        """Start an extra process in a running sandbox (see :mod:`nsexec`): its helper
+        joins ``pid_ns`` (and ``user_ns`` unless -1) and forks the process, which joins
+        ``late_ns``. ``fds`` are its stdin, stdout, stderr and status pipe ends.
+        Returns the helper's (pid, pidfd)."""
+        request = ("enter", cwd, argv, env, harden_args, procs, user_ns >= 0, len(late_ns))
+        send = [*fds, pid_ns, *([user_ns] if user_ns >= 0 else []), *late_ns]
+        return self._call(request, send)
+
     def _call(self, request: tuple[object, ...], send: list[int]) -> tuple[int, int]:
         with self._lock:
             for attempt in (1, 2):

@@ -1,23 +1,23 @@
 """Extra processes in a running sandbox (subprocess spid >= 2), entered with setns(2).
 
 The runtime has no exec-into API, and pid 1 of a sandbox only starts the main command,
-so an extra process is started from the server: a forked helper joins the sandbox's
-pid namespace (setns only affects its children) and forks the process, which joins the
-mount, uts, ipc, net and cgroup namespaces (the mount namespace's root is the pivoted
-overlay), changes directory, hardens itself exactly like the main command (capabilities,
-no_new_privs, seccomp, uid/gid) and execs. The helper stays outside the sandbox, reaps the
-process and reports its wait status and rusage on a status pipe, so the mount namespace is
-never held by anything but the sandbox's own processes.
+so an extra process is started by the launcher (:mod:`launcher`; the code that runs
+there is :mod:`nsinit`'s): a helper joins the sandbox's pid namespace (setns only affects
+its children) and forks the process, which joins the mount, uts, ipc, net and cgroup
+namespaces (the mount namespace's root is the pivoted overlay), changes directory,
+hardens itself exactly like the main command (capabilities, no_new_privs, seccomp,
+uid/gid) and execs. The helper stays outside the sandbox, reaps the process and reports
+its wait status and rusage on a status pipe, so the mount namespace is never held by
+anything but the sandbox's own processes. This module is the server's side: the pipes,
+the status lines, signals and the result.
 
 When pid 1 dies the kernel kills every process of the pid namespace, so an extra process
-never outlives its instance; the helper carries PR_SET_PDEATHSIG like the runtime's.
+never outlives its instance; the helper carries PR_SET_PDEATHSIG against the launcher.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import os
 import selectors
@@ -29,18 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contree_shell.sandbox import hardening
-from contree_shell.sandbox import syscalls as sc
-from contree_shell.sandbox.nsinit import high_fd
+from contree_shell.sandbox.launcher import LAUNCHER
+from contree_shell.sandbox.nsinit import EXEC_STAGE, high_fd
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_setns = _libc.setns
-_setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_setns.restype = ctypes.c_int
-
-# Joined by the process itself (the helper joins only "pid", and "user" when different).
 _LATE_NS = ("mnt", "uts", "ipc", "net", "cgroup")
-_STATUS_FD = 3
-_EXEC_STAGE = b"exec"
 _READ_CHUNK = 65536
 
 
@@ -65,13 +57,6 @@ _RUSAGE_KEYS = ("user_time_us", "sys_time_us", "max_rss_kb", "shared_memory",
                 "voluntary_ctx_switches", "involuntary_ctx_switches", "block_input_ops",
                 "block_output_ops", "ipc_msgs_sent", "ipc_msgs_received",
                 "signals_received")  # fmt: skip
-
-
-def _check(res: int) -> int:
-    if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return res
 
 
 def _ns_inode(path: str) -> int:
@@ -103,97 +88,6 @@ def _cgroup_procs(pid1: int) -> list[bytes]:
     return [p for p in out if os.path.exists(p)]
 
 
-def _report(line: bytes) -> None:
-    with contextlib.suppress(OSError):
-        os.write(_STATUS_FD, line)
-
-
-def _child(ns_pid_fd: int, user_fd: int, late: list[int], procs: list[bytes], cwd: bytes,
-           argv: list[str], env: dict[str, str], harden: hardening.Hardening,
-           fds: tuple[int, int, int, int], parent: int) -> None:  # fmt: skip
-    """The helper (after fork from the server): never returns."""
-    code = 1
-    stage = b"setup"
-    try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-        sc.reset_signals(hardening.RESET_SIGNALS)
-        # Every descriptor passed in is >= 10 (see high_fd), so laying out 0..3 cannot
-        # clobber one; then drop everything else the server had open.
-        os.dup2(fds[0], 0)
-        os.dup2(fds[1], 1)
-        os.dup2(fds[2], 2)
-        os.dup2(fds[3], _STATUS_FD, inheritable=False)
-        low = _STATUS_FD + 1
-        for fd in sorted(f for f in (ns_pid_fd, user_fd, *late) if f >= 0):
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, 1 << 20)
-        stage = b"cgroup"
-        for procs_file in procs:
-            with contextlib.suppress(OSError):
-                fd = os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, b"0")
-                finally:
-                    os.close(fd)
-        if user_fd >= 0:
-            stage = b"setns-user"
-            _check(_setns(user_fd, 0))
-        stage = b"setns-pid"
-        _check(_setns(ns_pid_fd, 0))
-        stage = b"fork"
-        pid = os.fork()
-        if pid == 0:
-            _process(late, cwd, argv, env, harden)
-        _report(b"S %d\n" % pid)
-        for fd in (0, 1, 2):
-            os.close(fd)
-        _pid, status, ru = os.wait4(pid, 0)
-        _report(hardening.exit_line(status, ru))
-        code = 0
-    except BaseException as e:
-        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
-    finally:
-        os._exit(code)
-
-
-def _process(late: list[int], cwd: bytes, argv: list[str], env: dict[str, str],
-             harden: hardening.Hardening) -> None:  # fmt: skip
-    """The extra process, inside the sandbox's pid namespace: join the rest, exec."""
-    stage = b"setup"
-    try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        stage = b"setns"
-        for fd in late:
-            if fd >= 0:
-                _check(_setns(fd, 0))
-                os.close(fd)
-        stage = b"cwd"
-        os.chdir(b"/")
-        with contextlib.suppress(OSError):
-            os.makedirs(cwd, 0o755, exist_ok=True)
-        os.chdir(cwd)
-        stage = b"harden"
-        os.setsid()
-        _report(b"R\n")
-        with contextlib.suppress(OSError):
-            fd = os.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"500")
-            finally:
-                os.close(fd)
-        hardening.apply(harden)
-        stage = _EXEC_STAGE
-        os.execvpe(argv[0], argv, env)
-    except BaseException as e:
-        err = getattr(e, "errno", None) or 0
-        _report(b"E %s %d\n" % (stage, err))
-        os._exit(127 if stage != _EXEC_STAGE or err == errno.ENOENT else 126)
-    os._exit(127)
-
-
 def _cloexec_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC)
     return high_fd(r), high_fd(w)
@@ -208,6 +102,7 @@ class NsProcess:
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._helper = 0
+        self._helper_fd = -1  # pidfd of the helper (the launcher's child; it reaps it)
         self._host_pid = 0
         self.pid = 0  # pid inside the sandbox's pid namespace
         self._ready = threading.Event()  # the process has called setsid()
@@ -256,39 +151,28 @@ class NsProcess:
         out_r, out_w = _cloexec_pipe()
         err_r, err_w = _cloexec_pipe()
         st_r, st_w = _cloexec_pipe()
-        argv_b = list(argv)
-        cwd_b = os.fsencode(cwd or "/")
         if stdin_open:
             self._stdin_w = in_w
         else:
             os.close(in_w)
         for fd in (out_r, err_r, st_r):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-
-        def io_main() -> None:
-            # Fork from this thread, which lives as long as the process: PDEATHSIG
-            # follows the forking *thread*, and a pool thread may retire while the
-            # process still runs.
-            parent = os.getpid()
-            try:
-                try:
-                    pid = os.fork()
-                    if pid == 0:
-                        _child(pid_fd, user_fd, late, procs, cwd_b, argv_b, env, harden,
-                               (in_r, out_w, err_w, st_w), parent)  # fmt: skip
-                finally:
-                    for fd in (*opened, in_r, out_w, err_w, st_w):
-                        os.close(fd)
-            except OSError as e:
-                self._error = f"cannot fork: {e.strerror}"
-                for fd in (out_r, err_r, st_r):
-                    os.close(fd)
-                self._finish()
-                return
-            self._helper = pid
-            self._loop(out_r, err_r, st_r)
-
-        threading.Thread(target=io_main, name="nsexec-io", daemon=True).start()
+        try:
+            self._helper, self._helper_fd = LAUNCHER.enter(
+                fds=(in_r, out_w, err_w, st_w), pid_ns=pid_fd, user_ns=user_fd, late_ns=late,
+                procs=procs, cwd=os.fsencode(cwd or "/"), argv=list(argv), env=dict(env),
+                harden_args=harden.args())  # fmt: skip
+        except OSError as e:
+            self._error = f"cannot start the process: {e.strerror or e}"
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+            self._finish()
+            raise ExecError(self._error) from e
+        finally:
+            for fd in (*opened, in_r, out_w, err_w, st_w):
+                os.close(fd)
+        threading.Thread(target=self._loop, args=(out_r, err_r, st_r), name="nsexec-io",
+                         daemon=True).start()  # fmt: skip
         if not self._spawned.wait(timeout=10):
             self.kill()
             raise ExecError("the process did not start in time")
@@ -337,9 +221,10 @@ class NsProcess:
                 os.killpg(self._host_pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.kill(self._host_pid, signal.SIGKILL)
-        if self._helper and not self._done.is_set():
-            with contextlib.suppress(OSError):
-                os.kill(self._helper, signal.SIGKILL)
+        with self._lock:
+            if self._helper_fd >= 0:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self._helper_fd, signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> ExecResult | None:
         if not self._done.wait(timeout):
@@ -400,7 +285,7 @@ class NsProcess:
         elif parts[0] == b"E" and len(parts) == 3:
             stage, err = parts[1].decode(), int(parts[2])
             what = os.strerror(err) if err else "failed"
-            if stage == _EXEC_STAGE.decode():
+            if stage == EXEC_STAGE.decode():
                 self._error = f"exec {self._argv0}: {what}"
             else:
                 self._error = f"{stage}: {what}"
@@ -408,9 +293,13 @@ class NsProcess:
     _argv0 = ""
 
     def _finish(self) -> None:
-        if self._helper:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self._helper, 0)
+        if self._helper_fd >= 0:
+            with selectors.DefaultSelector() as sel:  # the helper has exited
+                sel.register(self._helper_fd, selectors.EVENT_READ)
+                sel.select()
+            with self._lock:
+                fd, self._helper_fd = self._helper_fd, -1
+            os.close(fd)
         self.close_stdin()
         self._spawned.set()
         self._ready.set()

@@ -39,7 +39,11 @@ serializes requests, so a reply answers the last request)::
                         SCM_RIGHTS on the length:
                         ("run", plan fields, has_netgo, has_usergo): a sandbox;
                         ("exec", argv): a host-side helper (slirp4netns), descriptors
-                        [stderr, *passed as 3, 4, ...]
+                        [stderr, *passed as 3, 4, ...];
+                        ("enter", cwd, argv, env, hardening, cgroup.procs files,
+                        has_user, n_late): an extra process in a running sandbox,
+                        descriptors [stdin, stdout, stderr, status, pid ns,
+                        (user ns,) *mnt uts ipc net cgroup ns]
     launcher → server   8-byte length + marshal of (pid, errno, message),
                         a pidfd of the new process as SCM_RIGHTS
 
@@ -375,22 +379,107 @@ def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: i
 
 def _command(plan: Plan) -> None:
     """The command: new session, dropped privileges, exec; never returns."""
-    stage = b"harden"
     try:
         os.setsid()
+    except OSError as e:
+        _report(b"E harden %d\n" % (e.errno or 0))
+        os._exit(127)
+    assert plan.harden is not None
+    _exec_hardened(plan.argv, plan.env, plan.harden)
+
+
+def _exec_hardened(argv: list[str], env: dict[str, str], harden: hardening.Hardening) -> None:
+    """Drop privileges and exec (the main command and extra processes); never returns."""
+    stage = b"harden"
+    try:
         # Under memory pressure the OOM killer should pick the workload, not pid 1 (whose
         # death would lose the exit status) nor the server; raising needs no capability.
         with contextlib.suppress(OSError):
             _write_file(b"/proc/self/oom_score_adj", b"500")
-        assert plan.harden is not None
-        hardening.apply(plan.harden)
+        hardening.apply(harden)
         stage = EXEC_STAGE
-        os.execvpe(plan.argv[0], plan.argv, plan.env)
+        os.execvpe(argv[0], argv, env)
     except BaseException as e:
         err = getattr(e, "errno", None) or 0
         _report(b"E %s %d\n" % (stage, err))
         os._exit(127 if stage != EXEC_STAGE or err == errno.ENOENT else 126)
     os._exit(127)
+
+
+# -------------------------------------------- extra processes in a running sandbox
+
+
+def _enter_helper(fds: list[int], pid_fd: int, user_fd: int, late: list[int],
+                  procs: list[bytes], cwd: bytes, argv: list[str], env: dict[str, str],
+                  harden: hardening.Hardening, launcher_fd: int) -> None:  # fmt: skip
+    """The helper of an extra process: joins the sandbox's pid namespace (setns only
+    affects its children), forks the process, reaps it and reports; never returns.
+
+    It stays outside the sandbox's mount namespace, so that namespace is only ever held
+    by the sandbox's own processes."""
+    code = 1
+    stage = b"setup"
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if select.select([launcher_fd], [], [], 0)[0]:
+            os._exit(1)
+        sc.reset_signals(hardening.RESET_SIGNALS)
+        # Every descriptor passed in is >= 10 (see high_fd), so laying out 0..3 cannot
+        # clobber one; then drop everything else the launcher had open.
+        for src, dst in zip(fds, (0, 1, 2, STATUS_FD), strict=True):
+            os.dup2(src, dst, inheritable=dst < STATUS_FD)
+        low = STATUS_FD + 1
+        for fd in sorted(f for f in (pid_fd, user_fd, *late) if f >= 0):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
+        stage = b"cgroup"
+        for procs_file in procs:
+            with contextlib.suppress(OSError):
+                _write_file(procs_file, b"0")
+        if user_fd >= 0:
+            stage = b"setns-user"
+            sc.setns(user_fd, 0)
+        stage = b"setns-pid"
+        sc.setns(pid_fd, 0)
+        stage = b"fork"
+        pid = os.fork()
+        if pid == 0:
+            _enter_process(late, cwd, argv, env, harden)
+        _report(b"S %d\n" % pid)
+        for fd in (0, 1, 2):
+            os.close(fd)
+        _pid, status, ru = os.wait4(pid, 0)
+        _report(hardening.exit_line(status, ru))
+        code = 0
+    except BaseException as e:
+        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
+    finally:
+        os._exit(code)
+
+
+def _enter_process(late: list[int], cwd: bytes, argv: list[str], env: dict[str, str],
+                   harden: hardening.Hardening) -> None:  # fmt: skip
+    """The extra process, inside the sandbox's pid namespace: join the rest, exec."""
+    stage = b"setup"
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        stage = b"setns"
+        for fd in late:
+            sc.setns(fd, 0)
+            os.close(fd)
+        stage = b"cwd"
+        os.chdir(b"/")
+        with contextlib.suppress(OSError):
+            os.makedirs(cwd, 0o755, exist_ok=True)
+        os.chdir(cwd)
+        stage = b"harden"
+        os.setsid()
+        _report(b"R\n")
+    except BaseException as e:
+        _report(b"E %s %d\n" % (stage, getattr(e, "errno", None) or 0))
+        os._exit(127)
+    _exec_hardened(argv, env, harden)
 
 
 # ------------------------------------------------------------------- the launcher
@@ -442,6 +531,21 @@ def _spawn(request: Any, fds: list[int], launcher_fd: int
             return (0, e.errno or 1, f"cannot start {argv[0]}: {e.strerror}"), []
         if pid == 0:
             _exec_helper(argv, fds[0], fds[1:], launcher_fd)  # never returns
+    elif kind == "enter":
+        _kind, cwd, argv, env, harden_args, procs, has_user, n_late = request
+        harden = hardening.Hardening.from_args(harden_args)
+        rest = fds[4:]
+        pid_fd = rest.pop(0)
+        user_fd = rest.pop(0) if has_user else -1
+        late = rest[:n_late]
+        try:
+            pid = os.fork()
+        except OSError as e:
+            return (0, e.errno or 1, f"cannot start the process: {e.strerror}"), []
+        if pid == 0:
+            _enter_helper(fds[:4], pid_fd, user_fd, late, [bytes(p) for p in procs],
+                          bytes(cwd), [str(a) for a in argv], dict(env), harden,
+                          launcher_fd)  # fmt: skip
     elif kind == "run":
         _kind, plan_wire, has_netgo, has_usergo = request
         plan = Plan.from_wire(plan_wire)
@@ -501,7 +605,7 @@ def main() -> None:
                 _reap()
                 continue
             try:
-                message = recv_message(sock, 8)
+                message = recv_message(sock, 16)
             except (OSError, ValueError, EOFError, TypeError):
                 return
             if message is None:
