@@ -2,9 +2,11 @@
 
 Two halves, kept apart on purpose:
 
-- ``prepare(...)`` runs in the server (any thread) and builds every structure in advance:
-  capability masks, the compiled seccomp program (built once per process with pyseccomp
-  and exported as classic BPF), byte paths.
+- ``prepare(...)`` runs in the server (any thread) and works out what a run gets:
+  capability masks and the compiled seccomp program (built once per process with
+  pyseccomp and exported as classic BPF), as primitives that cross to the launcher.
+- :class:`Hardening` builds the ctypes structures from them, in the launcher, before
+  forking.
 - ``setup_proc`` / ``setup_sys`` / ``setup_dev`` (pid 1, before pivot_root) and
   ``apply`` (the command, just before exec) run in a forked child and only call the
   pre-resolved wrappers of :mod:`syscalls` and ``os`` functions.
@@ -75,11 +77,10 @@ class UnsafeMountPoint(OSError):
 
 
 class Hardening:
-    """Everything the command child needs, prepared before forking.
+    """Everything the command child needs, built before forking.
 
     A plain class (no dataclass): the launcher process imports this module and stays
-    small. ``args()`` is its primitive form, which crosses to the launcher; the ctypes
-    structures are rebuilt there by :meth:`from_args`.
+    small. It is built there by :meth:`from_args` from what :func:`prepare` returned.
     """
 
     __slots__ = (
@@ -107,13 +108,9 @@ class Hardening:
         self._bpf_buffer = ctypes.create_string_buffer(bpf, len(bpf))
         self.seccomp = sc.SockFprog(len(bpf) // 8, ctypes.addressof(self._bpf_buffer))
 
-    def args(self) -> tuple[int, int, list[int], int, bytes, bool]:
-        """The primitive form (marshal-able)."""
-        return (self.uid, self.gid, list(self.drop_bounding), self.caps, self.bpf,
-                self.set_groups)  # fmt: skip
-
     @classmethod
     def from_args(cls, args: Any) -> Hardening:
+        """Build from :func:`prepare`'s result (after its trip through marshal)."""
         uid, gid, drop, caps, bpf, set_groups = args
         return cls(int(uid), int(gid), tuple(drop), int(caps), bytes(bpf), bool(set_groups))
 
@@ -178,12 +175,17 @@ def _seccomp_bpf() -> bytes:
         return _seccomp_cache
 
 
-def prepare(uid: int, gid: int, *, set_groups: bool = True) -> Hardening:
-    """Build the capability and seccomp structures for a command running as uid:gid."""
-    drop = tuple(c for c in range(_last_cap() + 1) if not ALLOWED_CAPS >> c & 1)
+HardeningArgs = tuple[int, int, list[int], int, bytes, bool]
+
+
+def prepare(uid: int, gid: int, *, set_groups: bool = True) -> HardeningArgs:
+    """What a command running as uid:gid gets, as primitives (marshal-able):
+    (uid, gid, capabilities to drop from the bounding set, capabilities kept, seccomp
+    program, set_groups). :meth:`Hardening.from_args` builds the structures."""
+    drop = [c for c in range(_last_cap() + 1) if not ALLOWED_CAPS >> c & 1]
     # A non-root uid loses every capability at setuid(); asking for more would fail.
     caps = ALLOWED_CAPS if uid == 0 else 0
-    return Hardening(uid, gid, drop, caps, _seccomp_bpf(), set_groups)
+    return (uid, gid, drop, caps, _seccomp_bpf(), set_groups)
 
 
 # ----------------------------------------------------------------- child side (after fork)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contree_shell.sandbox import hardening
+from contree_shell.sandbox import hardening, nsinit
 from contree_shell.sandbox.launcher import LAUNCHER
 from contree_shell.sandbox.nsinit import EXEC_STAGE, high_fd
 
@@ -123,7 +123,7 @@ class NsProcess:
         if not argv or not argv[0]:
             raise ExecError("empty command")
         try:
-            harden = hardening.prepare(uid, gid)
+            harden_args = hardening.prepare(uid, gid)
         except (OSError, RuntimeError) as e:
             raise ExecError(f"cannot prepare the seccomp filter: {e}") from e
         opened: list[int] = []
@@ -161,7 +161,7 @@ class NsProcess:
             self._helper, self._helper_fd = LAUNCHER.enter(
                 fds=(in_r, out_w, err_w, st_w), pid_ns=pid_fd, user_ns=user_fd, late_ns=late,
                 procs=procs, cwd=os.fsencode(cwd or "/"), argv=list(argv), env=dict(env),
-                harden_args=harden.args())  # fmt: skip
+                harden_args=harden_args)  # fmt: skip
         except OSError as e:
             self._error = f"cannot start the process: {e.strerror or e}"
             for fd in (out_r, err_r, st_r):
@@ -294,9 +294,7 @@ class NsProcess:
 
     def _finish(self) -> None:
         if self._helper_fd >= 0:
-            with selectors.DefaultSelector() as sel:  # the helper has exited
-                sel.register(self._helper_fd, selectors.EVENT_READ)
-                sel.select()
+            nsinit.exited(self._helper_fd, None)  # wait: the helper has reported, it exits
             with self._lock:
                 fd, self._helper_fd = self._helper_fd, -1
             os.close(fd)

@@ -89,13 +89,8 @@ class Plan:
     """Every byte string and structure pid 1 and the command use, built by the server.
 
     Its fields are primitives, so :meth:`wire` crosses to the launcher with marshal;
-    ``harden`` (ctypes structures) is rebuilt there from ``harden_args``.
+    ``harden`` (ctypes structures) is built there from ``harden_args``.
     """
-
-    FIELDS = ("lowers", "upper", "work", "target", "legacy_dir", "legacy_data", "hostname",
-              "etc_files", "network", "cgroup_procs", "cwd", "argv", "env", "harden_args",
-              "clone_flags", "rootless", "full_map", "id_maps", "devpts_opts", "net_pooled",
-              "new_mount_api")  # fmt: skip
 
     def __init__(self, *, lowers: list[bytes], upper: bytes, work: bytes, target: bytes,
                  legacy_dir: bytes, legacy_data: bytes, hostname: bytes,
@@ -127,18 +122,26 @@ class Plan:
         self.new_mount_api = new_mount_api
         self.harden: hardening.Hardening | None = None
 
-    def wire(self) -> tuple[Any, ...]:
-        """The fields in FIELDS order (marshal-able)."""
-        return tuple(getattr(self, name) for name in self.FIELDS)
+    def wire(self) -> dict[str, Any]:
+        """The constructor's arguments (marshal-able)."""
+        return {name: value for name, value in vars(self).items() if name != "harden"}
 
     @classmethod
     def from_wire(cls, wire: Any) -> Plan:
-        plan = cls(**dict(zip(cls.FIELDS, wire, strict=True)))
+        plan = cls(**wire)
         plan.harden = hardening.Hardening.from_args(plan.harden_args)
         return plan
 
 
 # ------------------------------------------------------------------------- framing
+
+
+def exited(pidfd: int, timeout: float | None = 0) -> bool:
+    """True when the process behind ``pidfd`` has exited (its pidfd turns readable),
+    waiting up to ``timeout`` seconds for it (None: until it does)."""
+    poll = select.poll()  # not select(): any descriptor number works
+    poll.register(pidfd, select.POLLIN)
+    return bool(poll.poll(None if timeout is None else int(timeout * 1000)))
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -265,19 +268,13 @@ def _network_line() -> bytes:
     return b"W " + b" ".join(parts) + b"\n"
 
 
-def _loopback() -> sc.IfReq:
-    lo = sc.IfReq()
-    lo.name = b"lo"
-    return lo
-
-
 def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: int) -> None:
     """pid 1 of a fresh sandbox (cloned into its namespaces); never returns."""
     code = 1
     stage = b"setup"
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if select.select([launcher_fd], [], [], 0)[0]:
+        if exited(launcher_fd):
             os._exit(1)  # the launcher died before PDEATHSIG was armed
         sc.set_process_name(_INIT_NAME)
         # The launcher's handlers (and mask) must not survive into the sandbox.
@@ -326,7 +323,7 @@ def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: i
         stage = b"sethostname"
         sc.sethostname(plan.hostname)
         stage = b"loopback"
-        sc.interface_up(_loopback())
+        sc.interface_up(sc.ifreq(b"lo"))
         stage = b"pivot_root"
         sc.pivot_root(b".", b".")
         sc.umount2(b".", sc.MNT_DETACH)
@@ -421,7 +418,7 @@ def _enter_helper(fds: list[int], pid_fd: int, user_fd: int, late: list[int],
     stage = b"setup"
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if select.select([launcher_fd], [], [], 0)[0]:
+        if exited(launcher_fd):
             os._exit(1)
         sc.reset_signals(hardening.RESET_SIGNALS)
         # Every descriptor passed in is >= 10 (see high_fd), so laying out 0..3 cannot
@@ -500,7 +497,7 @@ def _exec_helper(argv: list[str], err_fd: int, pass_fds: list[int], launcher_fd:
     ...; dies with the launcher; never returns."""
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if select.select([launcher_fd], [], [], 0)[0]:
+        if exited(launcher_fd):
             os._exit(1)
         sc.reset_signals(hardening.RESET_SIGNALS)
         for i, fd in enumerate(pass_fds):  # out of the way of 0..4 first

@@ -304,7 +304,7 @@ def _validate(spec: RunSpec) -> None:
         raise SandboxError("network=True needs slirp4netns (Debian package slirp4netns)")
 
 
-def _harden(spec: RunSpec) -> hardening.Hardening:
+def _harden(spec: RunSpec) -> hardening.HardeningArgs:
     try:
         # A single-uid map denies setgroups(2) in the namespace (the kernel requires it).
         return hardening.prepare(spec.uid, spec.gid, set_groups=_id_map_kind() != "single")
@@ -345,7 +345,7 @@ def _plan(lowers: list[Path], upper: Path, work: Path, spec: RunSpec) -> nsinit.
         cwd=spec.cwd,
         argv=list(spec.argv),
         env=dict(spec.env),
-        harden_args=_harden(spec).args(),
+        harden_args=_harden(spec),
         clone_flags=_CLONE_FLAGS | (sc.CLONE_NEWUSER if ROOTLESS else 0),
         net_pooled=False,
         new_mount_api=USE_NEW_MOUNT_API,
@@ -422,7 +422,7 @@ class _NetPool:
             entry = None
             while self._ready and entry is None:
                 ns_fd, nat = self._ready.popleft()
-                if _exited(nat):
+                if nsinit.exited(nat):
                     os.close(ns_fd)
                     os.close(nat)
                 else:
@@ -464,9 +464,7 @@ class _NetPool:
         # the host's namespace (its outside sockets live where it starts).
         sc.unshare(sc.CLONE_NEWNET)
         try:
-            lo = sc.IfReq()
-            lo.name = b"lo"
-            sc.interface_up(lo)
+            sc.interface_up(sc.ifreq(b"lo"))
             ns_fd = nsinit.high_fd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
         finally:
             sc.setns(host, sc.CLONE_NEWNET)
@@ -555,20 +553,6 @@ def _wait_ready(pidfd: int, ready_r: int) -> bool:
         return False
     finally:
         sel.close()
-
-
-def _exited(pidfd: int) -> bool:
-    """True when the process behind ``pidfd`` has exited (the pidfd is readable)."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(pidfd, selectors.EVENT_READ)
-        return bool(sel.select(0))
-
-
-def _wait_exit(pidfd: int) -> None:
-    """Block until the process behind ``pidfd`` has exited."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(pidfd, selectors.EVENT_READ)
-        sel.select(None)
 
 
 class Sandbox:
@@ -1014,7 +998,7 @@ class Sandbox:
     def _finish(self) -> None:
         # pid 1 exits (its pidfd turns readable) only after every process of its pid
         # namespace is gone, and with them the mount namespace holding the overlay.
-        _wait_exit(self._pid1_fd)
+        nsinit.exited(self._pid1_fd, None)
         with self._lock:
             self._pid1_gone = True
             pid1_fd, self._pid1_fd = self._pid1_fd, -1

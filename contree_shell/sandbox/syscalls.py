@@ -273,6 +273,13 @@ class IfReq(ctypes.Structure):
                 ("_pad", ctypes.c_char * 22)]  # fmt: skip
 
 
+def ifreq(name: bytes) -> IfReq:
+    """A struct ifreq naming interface ``name`` (for :func:`interface_up`)."""
+    req = IfReq()
+    req.name = name
+    return req
+
+
 def interface_up(ifreq: IfReq) -> None:
     """Set IFF_UP on the interface named in ``ifreq`` (prepared before forking)."""
     fd = _check(_socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0))
