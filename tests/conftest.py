@@ -19,12 +19,26 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contree_shell.sandbox.bootstrap import build_busybox_rootfs
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("the sandbox engine tests run as root")
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox root filesystem, built once per session, for the engine tests (the
+    runs mount it read-only as their bottom layer)."""
+    _needs_root()
+    if not Path("/bin/busybox").exists():
+        pytest.skip("busybox-static is not installed")
+    root = tmp_path_factory.mktemp("image") / "rootfs"
+    build_busybox_rootfs(root)
+    return root
 
 
 @dataclass

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from contree_shell.sandbox import cgroups
-from contree_shell.sandbox.bootstrap import build_busybox_rootfs
 from contree_shell.sandbox.cgroups import Layout, Limits, RunCgroup
 from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox
 
@@ -51,12 +50,8 @@ def test_limits_name_only_the_controllers_they_need() -> None:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("the sandbox engine tests run as root")
-    root = tmp_path_factory.mktemp("cgimage") / "rootfs"
-    build_busybox_rootfs(root)
-    return root
+def image(busybox_image: Path) -> Path:
+    return busybox_image
 
 
 def run(image: Path, tmp_path: Path, script: str, limits: Limits) -> tuple[ExitInfo, bytes]:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from contree_shell.sandbox import nsinit
-from contree_shell.sandbox.bootstrap import build_busybox_rootfs
 from contree_shell.sandbox.launcher import LAUNCHER
 from contree_shell.sandbox.runtime import RunSpec, Sandbox
 
@@ -27,12 +26,8 @@ REPO = str(Path(__file__).resolve().parent.parent)
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("the sandbox engine tests run as root")
-    root = tmp_path_factory.mktemp("launcher") / "rootfs"
-    build_busybox_rootfs(root)
-    return root
+def image(busybox_image: Path) -> Path:
+    return busybox_image
 
 
 def _start(image: Path, base: Path, command: str, out: bytearray | None = None) -> Sandbox:

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from contree_shell.sandbox import runtime
-from contree_shell.sandbox.bootstrap import build_busybox_rootfs
 from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox, SandboxError, StdinClosed
 
 pytestmark = pytest.mark.root
@@ -30,17 +29,6 @@ ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"}
 # Long sleeps are found again on the host by their argument: unique per test process, so
 # parallel test runs never see each other's.
 MARK = random.randrange(10**6, 10**7)
-
-
-@pytest.fixture(scope="session")
-def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("the sandbox engine tests run as root")
-    if not Path("/bin/busybox").exists():
-        pytest.skip("busybox-static is not installed")
-    root = tmp_path_factory.mktemp("image") / "rootfs"
-    build_busybox_rootfs(root)
-    return root
 
 
 @dataclass

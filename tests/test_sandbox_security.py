@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from contree_shell.sandbox.bootstrap import build_busybox_rootfs
 from contree_shell.sandbox.runtime import ExitInfo, RunSpec, Sandbox
 
 pytestmark = pytest.mark.root
@@ -25,14 +24,8 @@ ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"}
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("the sandbox engine tests run as root")
-    if not Path("/bin/busybox").exists():
-        pytest.skip("busybox-static is not installed")
-    root = tmp_path_factory.mktemp("secimage") / "rootfs"
-    build_busybox_rootfs(root)
-    return root
+def image(busybox_image: Path) -> Path:
+    return busybox_image
 
 
 class Result:
