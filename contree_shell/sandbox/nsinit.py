@@ -268,19 +268,30 @@ def _network_line() -> bytes:
     return b"W " + b" ".join(parts) + b"\n"
 
 
+def _leave_launcher(launcher_fd: int) -> None:
+    """First thing in every child of the launcher: die with it (PDEATHSIG), or now if it
+    died before that was armed; and drop its signal handlers and mask."""
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if exited(launcher_fd):
+        os._exit(1)
+    sc.reset_signals(hardening.RESET_SIGNALS)
+
+
+def _take_stdio(fds: list[int]) -> None:
+    """stdin, stdout, stderr and the status pipe onto 0..3. Every descriptor the launcher
+    passes is >= 10 (see high_fd), so this cannot clobber one still to be moved."""
+    for src, dst in zip(fds, (0, 1, 2, STATUS_FD), strict=True):
+        os.dup2(src, dst, inheritable=dst < STATUS_FD)
+
+
 def run_pid1(plan: Plan, fds: list[int], netgo: int, usergo: int, launcher_fd: int) -> None:
     """pid 1 of a fresh sandbox (cloned into its namespaces); never returns."""
     code = 1
     stage = b"setup"
     try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if exited(launcher_fd):
-            os._exit(1)  # the launcher died before PDEATHSIG was armed
+        _leave_launcher(launcher_fd)
         sc.set_process_name(_INIT_NAME)
-        # The launcher's handlers (and mask) must not survive into the sandbox.
-        sc.reset_signals(hardening.RESET_SIGNALS)
-        for src, dst in zip(fds, (0, 1, 2, STATUS_FD), strict=True):
-            os.dup2(src, dst, inheritable=dst < STATUS_FD)
+        _take_stdio(fds)
         for src, dst in ((netgo, NETGO_FD), (usergo, USERGO_FD)):
             if src >= 0:
                 os.dup2(src, dst, inheritable=False)
@@ -417,14 +428,9 @@ def _enter_helper(fds: list[int], pid_fd: int, user_fd: int, late: list[int],
     code = 1
     stage = b"setup"
     try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if exited(launcher_fd):
-            os._exit(1)
-        sc.reset_signals(hardening.RESET_SIGNALS)
-        # Every descriptor passed in is >= 10 (see high_fd), so laying out 0..3 cannot
-        # clobber one; then drop everything else the launcher had open.
-        for src, dst in zip(fds, (0, 1, 2, STATUS_FD), strict=True):
-            os.dup2(src, dst, inheritable=dst < STATUS_FD)
+        _leave_launcher(launcher_fd)
+        _take_stdio(fds)
+        # Then drop everything else the launcher had open.
         low = STATUS_FD + 1
         for fd in sorted(f for f in (pid_fd, user_fd, *late) if f >= 0):
             os.closerange(low, fd)
@@ -496,10 +502,7 @@ def _exec_helper(argv: list[str], err_fd: int, pass_fds: list[int], launcher_fd:
     """A host-side helper (slirp4netns): stdio on /dev/null and ``err_fd``, ``pass_fds`` as 3, 4,
     ...; dies with the launcher; never returns."""
     try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if exited(launcher_fd):
-            os._exit(1)
-        sc.reset_signals(hardening.RESET_SIGNALS)
+        _leave_launcher(launcher_fd)
         for i, fd in enumerate(pass_fds):  # out of the way of 0..4 first
             os.dup2(fd, 100 + i)
         os.dup2(err_fd, 99)
