@@ -17,6 +17,7 @@ from __future__ import annotations
 import _thread
 import ctypes
 import errno
+import functools
 import os
 import signal
 import stat
@@ -117,18 +118,15 @@ class Hardening:
 
 _seccomp_lock = _thread.allocate_lock()
 _seccomp_cache: bytes | None = None
-_last_cap_cache: int | None = None
 
 
+@functools.cache
 def _last_cap() -> int:
-    global _last_cap_cache
-    if _last_cap_cache is None:
-        try:
-            with open("/proc/sys/kernel/cap_last_cap") as f:
-                _last_cap_cache = int(f.read())
-        except (OSError, ValueError):
-            _last_cap_cache = 40
-    return _last_cap_cache
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
 
 
 def build_seccomp_program() -> bytes:

@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from contree_shell import __version__
 
@@ -287,6 +288,16 @@ def _limit_setting(value: str | None, env: str) -> str | None:
     return text.strip() if text and text.strip() else None
 
 
+_T = TypeVar("_T")
+
+
+def _limit(text: str | None, default: _T | None, parse: Callable[[str], _T]) -> _T | None:
+    """A limit setting's value: the default when unset, None for "none", else parsed."""
+    if text is None:
+        return default
+    return None if text.lower() in _NO_LIMIT else parse(text)
+
+
 def server_limits(
     memory: str | None = None, pids: str | None = None, cpus: str | None = None
 ) -> Any:
@@ -305,17 +316,9 @@ def server_limits(
     cpus = _limit_setting(cpus, "CONTREE_LIMIT_CPUS")
     try:
         limits = cgroups.Limits(
-            memory_bytes=(
-                default_memory_limit() if memory is None
-                else None if memory.lower() in _NO_LIMIT
-                else parse_bytes(memory)
-            ),
-            pids=(
-                DEFAULT_PIDS if pids is None
-                else None if pids.lower() in _NO_LIMIT
-                else int(pids)
-            ),
-            cpus=None if cpus is None or cpus.lower() in _NO_LIMIT else float(cpus),
+            memory_bytes=_limit(memory, default_memory_limit(), parse_bytes),
+            pids=_limit(pids, DEFAULT_PIDS, int),
+            cpus=_limit(cpus, None, float),
         )
     except ValueError as exc:
         raise ServerStartError(f"invalid resource limit setting: {exc}") from None
