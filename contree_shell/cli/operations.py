@@ -269,14 +269,20 @@ def _active_operations(client: Any) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _target_operations(ctx: Context, args: argparse.Namespace) -> list[str]:
+    """The operations named on the command line, plus every active one with --all."""
+    ops = resolve_operation_refs(ctx, args.operations)
+    if args.all:
+        return list(dict.fromkeys([*ops, *_active_operations(ctx.client)]))
+    if not ops:
+        raise CliError("Provide at least one UUID, or use --all")
+    return ops
+
+
 def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
     from contree_shell.output import error, info
 
-    ops = resolve_operation_refs(ctx, args.operations)
-    if args.all:
-        ops = list(dict.fromkeys([*ops, *_active_operations(ctx.client)]))
-    elif not ops:
-        raise CliError("Provide at least one UUID, or use --all")
+    ops = _target_operations(ctx, args)
     if not ops:
         info("No active operations")
         return 0
@@ -353,11 +359,7 @@ def _wait_row(record: dict[str, Any], *, timed_out: bool = False) -> dict[str, A
 def cmd_wait(ctx: Context, args: argparse.Namespace) -> int:
     from contree_shell.output import emit_rows, info, warn
 
-    ops = resolve_operation_refs(ctx, args.operations)
-    if args.all:
-        ops = list(dict.fromkeys([*ops, *_active_operations(ctx.client)]))
-    elif not ops:
-        raise CliError("Provide at least one UUID, or use --all")
+    ops = _target_operations(ctx, args)
     if not ops:
         info("No active operations")
         return 0
