@@ -638,6 +638,15 @@ class InstanceManager:
             raise RequestError(410, "the instance has finished")
         return run
 
+    def _running(self, op_uuid: str) -> _Run:
+        """:meth:`_live`, with a finished instance a conflict (signals, extra processes)."""
+        try:
+            return self._live(op_uuid)
+        except RequestError as exc:
+            if exc.status == 410:
+                raise Conflict("the instance is not running") from exc
+            raise
+
     def cancel(self, op_uuid: str, reason: str = "cancelled") -> bool:
         """Kill the run and end the operation CANCELLED now; False if not ours to cancel."""
         with self._lock:
@@ -660,12 +669,7 @@ class InstanceManager:
         return True
 
     def signal(self, op_uuid: str, spid: int, sig: int) -> None:
-        try:
-            run = self._live(op_uuid)
-        except RequestError as exc:
-            if exc.status == 410:
-                raise Conflict("the instance is not running") from exc
-            raise
+        run = self._running(op_uuid)
         if spid != 1:
             proc = run.procs.get(spid)
             if proc is None or proc.process is None or proc.process.done():
@@ -1103,12 +1107,7 @@ class InstanceManager:
         from contree_shell.sandbox.nsexec import ExecError, NsProcess
 
         espec = normalize_exec_request(body)
-        try:
-            run = self._live(op_uuid)
-        except RequestError as exc:
-            if exc.status == 410:
-                raise Conflict("the instance is not running") from exc
-            raise
+        run = self._running(op_uuid)
         if not run.started.is_set():
             raise RequestError(425, "the instance has not started yet")
         with run.lock:
